@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:  make demo  |  make test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data-deps demo test test-fast bench clean-demo
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@$(PY) -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__; \
+	  assert torchvision.__version__.startswith('0.29.1'), torchvision.__version__; print('torch', torch.__version__)"
+	touch $(STAMP)
+
+# The demo data is Debian's dataset-fashion-mnist (the original IDX files).
+data-deps:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is missing; run: sudo apt-get install -y dataset-fashion-mnist"; exit 1; fi; fi
+
+setup: $(STAMP) data-deps
+
+demo: setup
+	$(PY) -m pipelines.demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean-demo:
+	rm -rf runs/demo

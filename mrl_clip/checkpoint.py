@@ -1,0 +1,83 @@
+"""Checkpoints in open_clip's format, written atomically, and `local-dir:` exports plain open_clip loads."""
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, flush to disk, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := STEP_FILE.match(name))]
+    return sorted(found)
+
+
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    found = step_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for _, path in step_checkpoints(folder)[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """weights_only load (no pickled code runs); a clear error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot load checkpoint {path}: {str(err).splitlines()[0][:200]}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not an open_clip training checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+def export_local_dir(model, model_cfg: dict, folder: Path) -> Path:
+    """open_clip_config.json + open_clip_model.safetensors: `create_model_and_transforms('local-dir:FOLDER')`
+    loads it with plain open_clip (no mrl_clip import needed). open_clip's save_for_hf also saves an HF tokenizer,
+    which the built-in BPE tokenizer lacks, so we call its config writer and write the weights ourselves."""
+    import safetensors.torch
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
+    from open_clip.push_to_hf_hub import save_config_for_hf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights_tmp = folder / f".{HF_SAFE_WEIGHTS_NAME}.tmp"
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(tensors, weights_tmp)
+    os.replace(weights_tmp, folder / HF_SAFE_WEIGHTS_NAME)
+    config_tmp = folder / f".{HF_CONFIG_NAME}.tmp"
+    save_config_for_hf(model, config_tmp, model_config=model_cfg)
+    os.replace(config_tmp, folder / HF_CONFIG_NAME)
+    return folder

@@ -1,0 +1,95 @@
+"""Zero-shot classification at every nested dim from one full-width encoding.
+
+Metric conventions are CLIP_benchmark's (its `accuracy`, sklearn's balanced accuracy as mean_per_class_recall,
+logits = 100 * image @ classifier, classifier = normalised mean of normalised prompt embeddings); the one
+difference is that each dim m slices the full-width features first and re-normalises the prefix.
+"""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from clip_benchmark.metrics.zeroshot_classification import accuracy
+from sklearn.metrics import balanced_accuracy_score
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .errors import UserError
+
+
+@dataclass
+class ClassificationSet:
+    dataset: object      # iterable of (image tensor, label)
+    classnames: list
+    templates: list
+
+
+def load_classification_folder(folder: str, transform, split: str = "test") -> ClassificationSet:
+    """A folder in CLIP_benchmark's wds layout, read with CLIP_benchmark's own reader."""
+    from clip_benchmark.datasets.builder import build_wds_dataset
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {folder}")
+    if not (root / split / "nshards.txt").is_file():
+        raise UserError(f"{folder} is not a CLIP_benchmark wds folder: no {split}/nshards.txt")
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        if not (root / name).is_file():
+            raise UserError(f"{folder} has no {name} (needed for zero-shot classification)")
+    dataset = build_wds_dataset(root.name, transform=transform, split=split, data_dir=str(root))
+    return ClassificationSet(dataset, dataset.classes, dataset.templates)
+
+
+@torch.no_grad()
+def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, desc="images"):
+    """Full-width, unnormalised image features and labels."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    features, labels = [], []
+    for images, target in tqdm(loader, desc=f"encoding {desc}", unit="batch", leave=False):
+        features.append(model.encode_image(images.to(device)).float().cpu())
+        labels.append(torch.as_tensor(target))
+    if not features:
+        raise UserError("the evaluation data holds no samples")
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def encode_class_prompts(model, tokenizer, classnames, templates, device="cpu"):
+    """[classes, templates, width] unnormalised text features of every prompt."""
+    out = []
+    for name in tqdm(classnames, desc="encoding class prompts", leave=False):
+        tokens = tokenizer([t.format(c=name) for t in templates]).to(device)
+        out.append(model.encode_text(tokens).float().cpu())
+    return torch.stack(out)
+
+
+def classifier_at(prompt_features, dim):
+    """CLIP_benchmark's zero-shot classifier, built from the dim-m prefixes: [classes, m]."""
+    per_prompt = F.normalize(prompt_features[..., :dim], dim=-1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def zeroshot_metrics(image_features, labels, prompt_features, dims) -> dict:
+    """{dim: {"acc1", "acc5", "mean_per_class_recall"}} from one full-width encoding."""
+    results = {}
+    num_classes = prompt_features.shape[0]
+    for m in dims:
+        logits = 100.0 * F.normalize(image_features[:, :m], dim=-1) @ classifier_at(prompt_features, m).T
+        if num_classes >= 5:
+            acc1, acc5 = accuracy(logits, labels, topk=(1, 5))
+        else:
+            (acc1,), acc5 = accuracy(logits, labels, topk=(1,)), float("nan")
+        recall = balanced_accuracy_score(labels.numpy(), logits.argmax(dim=1).numpy())
+        results[m] = {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(recall)}
+    return results
+
+
+def evaluate_zeroshot(model, tokenizer, data: ClassificationSet, dims, device="cpu", batch_size=256, workers=0):
+    model.eval()
+    image_features, labels = encode_images(model, data.dataset, device, batch_size, workers)
+    prompt_features = encode_class_prompts(model, tokenizer, data.classnames, data.templates, device)
+    width = image_features.shape[1]
+    if max(dims) > width:
+        raise UserError(f"--dims {list(dims)} go above the model's embedding width {width}")
+    return zeroshot_metrics(image_features, labels, prompt_features, dims)
