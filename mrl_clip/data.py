@@ -171,6 +171,8 @@ def make_train_stream(
     worker_batches = math.ceil(num_batches / workers_eff)
     num_batches = worker_batches * workers_eff
     dataset = dataset.with_epoch(worker_batches)
+    # seeds the workers' torch RNG (augmentations) from (seed, epoch, rank), not from the trainer's RNG state
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=False)
+                           persistent_workers=False, generator=generator)
     return TrainStream(loader=loader, num_batches=num_batches, num_samples=num_batches * global_batch)

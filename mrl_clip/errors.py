@@ -1,9 +1,17 @@
 """User-facing errors: one line on stderr and exit code 2, never a traceback."""
+import argparse
 import sys
 
 
 class UserError(Exception):
     """A mistake in what the user asked for (bad flag, missing file, unknown model)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserError (one line) rather than usage text plus an error."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
 
 
 def run_cli(main, argv=None):

@@ -12,7 +12,7 @@ import torch
 
 from . import models
 from .dims import check_dims, parse_int_list
-from .errors import run_cli
+from .errors import ArgumentParser, run_cli
 from .report import default_dims, format_table, plot_metric, write_json
 from .zeroshot import evaluate_zeroshot, load_classification_folder
 
@@ -20,7 +20,7 @@ ZEROSHOT_METRICS = ["acc1", "acc5", "mean_per_class_recall"]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mrl_clip.eval", description=__doc__,
+    parser = ArgumentParser(prog="python -m mrl_clip.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
     zs = tasks.add_parser("zeroshot", help="zero-shot classification accuracy at each dim")

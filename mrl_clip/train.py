@@ -30,14 +30,14 @@ from .checkpoint import atomic_torch_save, export_local_dir, latest_checkpoint, 
     prune_checkpoints
 from .data import count_samples, make_train_stream, resolve_shards
 from .dims import check_dims, check_weights, parse_float_list, parse_int_list
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 from .loss import MatryoshkaClipLoss
 
 LOGIT_SCALE_MAX = math.log(100)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="open_clip model name (ours: MRL-Tiny-28, ViT-B-32-768)")
     p.add_argument("--pretrained", default=None, help="initial weights: an open_clip checkpoint file")
     p.add_argument("--train-data", required=True, help="shard URLs with brace expansion, e.g. 'd/train-{0000..0099}.tar'")
@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dist-backend", default=None)
     p.add_argument("--dist-url", default=None)
-    p.add_argument("--logs", default="runs", help="root folder of runs")
+    # --output-dir: the same; use it under torchrun, whose --logs-specs makes a bare --logs ambiguous
+    p.add_argument("--logs", "--output-dir", dest="logs", default="runs", help="root folder of runs")
     p.add_argument("--name", default=None, help="run name (default: model and dims)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
     p.add_argument("--save-every-n-steps", type=int, default=200)
@@ -289,7 +290,7 @@ def main(argv=None):
                 now = time.perf_counter()
                 record = {"step": step, "epoch": epoch, "lr": lr, "loss": result.loss,
                           "loss_dim": {str(m): v for m, v in result.per_dim.items()},
-                          "logit_scale": float(unwrap(model).logit_scale.exp()),
+                          "logit_scale": float(unwrap(model).logit_scale.detach().exp()),
                           "samples_per_s": global_batch / max(now - t_data, 1e-9),
                           "step_s": now - t_step, "bad_samples": sum(bad_by_worker.values()),
                           "skipped_step": result.skipped}

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from mrl_clip.checkpoint import latest_checkpoint
-from mrl_clip.errors import UserError, run_cli
+from mrl_clip.errors import ArgumentParser, UserError, run_cli
 from mrl_clip.eval import ZEROSHOT_METRICS, run_zeroshot
 from mrl_clip.report import format_table, plot_metric, write_json
 from pipelines import fashion_mnist
@@ -64,7 +64,7 @@ def summarise(results: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--source", type=Path, default=fashion_mnist.DEBIAN_DIR)
     parser.add_argument("--steps", type=int, default=400, help="training steps per model")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mrl_clip.errors import UserError, run_cli
+from mrl_clip.errors import ArgumentParser, UserError, run_cli
 from pipelines.shards import brace_pattern, png_bytes, write_shards
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -100,7 +100,7 @@ def build_eval_folder(source: Path, folder: Path, limit=None) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--source", type=Path, default=DEBIAN_DIR, help="folder with the IDX .gz files")
     parser.add_argument("--shard-size", type=int, default=6000)
