@@ -50,6 +50,9 @@ def plot_metric(models: dict, metric: str, path, title: str = "") -> None:
         values = [100 * (entry["metrics"].get(str(d)) or entry["metrics"][d])[metric] for d in dims]
         ax.plot(dims, values, marker="o", label=label)
     ax.set_xscale("log", base=2)
+    all_dims = sorted({int(d) for entry in models.values() for d in entry["dims"]})
+    ax.set_xticks(all_dims, [str(d) for d in all_dims])
+    ax.minorticks_off()
     ax.set_xlabel("embedding dim (prefix, re-normalised)")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(title or metric)

@@ -69,7 +69,7 @@ def main(argv=None):
     parser.add_argument("--source", type=Path, default=fashion_mnist.DEBIAN_DIR)
     parser.add_argument("--steps", type=int, default=400, help="training steps per model")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
