@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import mrl_clip  # noqa: F401  (registers model configs)
+from mrl_clip.checkpoint import latest_checkpoint
 from pipelines import fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,5 +42,5 @@ def trained_run(fmnist_data, tmp_path_factory):
                         "--logs", logs, "--name", "tiny", "--save-every-n-steps", "40")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = logs / "tiny"
-    return {"dir": run_dir, "checkpoint": sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1],
+    return {"dir": run_dir, "checkpoint": latest_checkpoint(run_dir / "checkpoints"),
             "export": run_dir / "export", "stderr": result.stderr}

@@ -36,6 +36,7 @@ def test_loss_falls_and_every_dim_is_logged(trained_run):
 
 
 def test_checkpoint_is_open_clip_format_and_loads_in_open_clip(trained_run):
+    assert trained_run["checkpoint"].name == "step_128.pt"
     checkpoint = torch.load(trained_run["checkpoint"], map_location="cpu", weights_only=True)
     assert {"epoch", "name", "state_dict", "optimizer", "step"} <= set(checkpoint)
     model, _, _ = open_clip.create_model_and_transforms(TINY, pretrained=str(trained_run["checkpoint"]))
