@@ -1,6 +1,6 @@
 """Cost of the Matryoshka loss in a whole training step, against open_clip's ClipLoss at full width.
 
-    python benchmarks/loss_overhead.py [--model MRL-Tiny-28] [--batch-size 128] [--repeats 15] [--device cpu]
+    python benchmarks/loss_overhead.py [--model MRL-Tiny-28] [--batch-size 128] [--repeats 40] [--device cpu]
 
 Same model, batch, optimizer and threads; the two steps are interleaved (A B A B ...) so drift in machine load hits
 both alike; the result is the median of the per-pair time ratios. Prints a table and writes
@@ -53,7 +53,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="MRL-Tiny-28")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="amp_bf16" if torch.cuda.is_available() else "fp32")
