@@ -277,6 +277,7 @@ def main(argv=None):
             resampled=args.dataset_resampled, skip_batches=done_in_epoch)
         batches = islice(stream.loader, min(steps_per_epoch - done_in_epoch, total_steps - step))
         t_data = time.perf_counter()
+        step_at_epoch_start = step
         for images, texts, bad in batches:
             bad_by_worker[(epoch, int(bad[0]))] = int(bad[1])
             images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
@@ -300,8 +301,9 @@ def main(argv=None):
             if step % args.save_every_n_steps == 0 and step < total_steps:
                 save(step, step // steps_per_epoch)
             t_data = time.perf_counter()
-        if step < total_steps and (step % steps_per_epoch) != 0:
-            raise RuntimeError(f"the data stream ended early at step {step} of epoch {epoch}")
+        if step == step_at_epoch_start:
+            raise UserError(f"the shards yielded no usable sample (every image undecodable or without a "
+                            f"caption?): {args.train_data}")
     progress.close()
 
     save(step, step // steps_per_epoch)

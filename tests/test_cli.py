@@ -1,7 +1,16 @@
 """User mistakes get one line on stderr and exit code 2, never a traceback."""
 import pytest
+import torch
 
 from .conftest import TINY, run_module
+
+
+def foreign_checkpoint(tmp):
+    """An open_clip-format checkpoint whose weights belong to some other network."""
+    path = tmp / "foreign.pt"
+    if tmp.is_dir():
+        torch.save({"epoch": 1, "state_dict": {"fc.weight": torch.zeros(3, 4)}}, path)
+    return str(path)
 
 
 def bad_inputs(data, tmp):
@@ -26,6 +35,7 @@ def bad_inputs(data, tmp):
         "eval folder not wds": (["mrl_clip.eval", "zeroshot", "--model", TINY, "--data", str(tmp)],
                                 "nshards.txt"),
         "eval unknown task": (["mrl_clip.eval", "bogus"], "invalid choice"),
+        "eval checkpoint of another model": (zeroshot + ["--pretrained", foreign_checkpoint(tmp)], "does not fit"),
     }
 
 
@@ -40,3 +50,14 @@ def test_bad_input_is_one_line_and_exit_2(case, fmnist_data, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_shards_with_no_usable_sample_stop_with_a_message(tmp_path):
+    from pipelines.shards import write_shards
+
+    samples = ({"__key__": f"s{i}", "png": b"broken", "txt": "a caption"} for i in range(20))
+    write_shards(samples, tmp_path, "train", shard_size=10)
+    result = run_module("mrl_clip.train", "--model", TINY, "--train-data", tmp_path / "train-{0000..0001}.tar",
+                        "--dims", "256", "--batch-size", "4", "--workers", "0", "--logs", tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "no usable sample" in result.stderr and "Traceback" not in result.stderr
