@@ -1,64 +1,273 @@
-"""Evaluation at every nested dimension.
+"""Evaluation at every nested dimension: zero-shot, retrieval, linear probes through MRL heads, cascades.
 
-    python -m mrl_clip.eval zeroshot --model MRL-Tiny-28 --pretrained runs/mrl/checkpoints/step_400.pt \
-        --data runs/demo/data/fashion_mnist_test --dims 8,16,32,64,128,256 --output results.json
+    python -m mrl_clip.eval zeroshot --model MRL-Tiny-28 --pretrained runs/demo/mrl/checkpoints/step_400.pt \
+        --data runs/demo/data/fashion_mnist_test --dims 8,16,32,64,128,256 --output results.json --plot acc.png \
+        --compare local-dir:runs/demo/standard/export
 
-Every image and prompt is encoded once at full width; each dim is a slice of those features, re-normalised.
+Every image and text is encoded once at full width; each dim is a slice of those features, re-normalised.
+`--data` is a folder in CLIP_benchmark's WebDataset layout. Output: a table (dims as rows, a column block per
+model), JSON {"task", "models": {label: {"dims", "metrics": {"<dim>": {...}}}}} and a plot of each metric.
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from . import models
 from .dims import check_dims, parse_int_list
-from .errors import ArgumentParser, run_cli
-from .report import default_dims, format_table, plot_metric, write_json
-from .zeroshot import evaluate_zeroshot, load_classification_folder
+from .errors import ArgumentParser, UserError, run_cli
+from .report import default_dims, format_table, plot_metrics, write_json
 
 ZEROSHOT_METRICS = ["acc1", "acc5", "mean_per_class_recall"]
+PROBE_METRICS = ["lp_acc1", "lp_acc5"]
+PROBE_KINDS = ["mrl", "mrl-e", "fixed"]
+
+
+def add_common(sub):
+    sub.add_argument("--model", required=True, help="open_clip model name or local-dir:PATH")
+    sub.add_argument("--pretrained", default=None, help="checkpoint file (not needed with local-dir:)")
+    sub.add_argument("--compare", action="append", default=[], metavar="MODEL",
+                     help="another model to evaluate side by side (repeatable)")
+    sub.add_argument("--compare-pretrained", action="append", default=[], metavar="CKPT",
+                     help="checkpoint of the matching --compare model ('none' for local-dir:)")
+    sub.add_argument("--data", required=True, help="folder in CLIP_benchmark's wds layout")
+    sub.add_argument("--split", default="test")
+    sub.add_argument("--dims", default=None, help="comma-separated dims (default: 8, 16, ... up to the width)")
+    sub.add_argument("--output", default=None, help="write results JSON here")
+    sub.add_argument("--plot", default=None, help="write a PNG of each metric against dim here")
+    sub.add_argument("--batch-size", type=int, default=256)
+    sub.add_argument("--workers", type=int, default=0)
+    sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m mrl_clip.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
-    zs = tasks.add_parser("zeroshot", help="zero-shot classification accuracy at each dim")
-    zs.add_argument("--model", required=True, help="open_clip model name or local-dir:PATH")
-    zs.add_argument("--pretrained", default=None, help="checkpoint file (not needed with local-dir:)")
-    zs.add_argument("--data", required=True, help="folder in CLIP_benchmark's wds layout")
-    zs.add_argument("--split", default="test")
-    zs.add_argument("--dims", default=None, help="comma-separated dims (default: 8, 16, ... up to the width)")
-    zs.add_argument("--output", default=None, help="write results JSON here")
-    zs.add_argument("--plot", default=None, help="write a PNG of acc1 against dim here")
-    zs.add_argument("--batch-size", type=int, default=256)
-    zs.add_argument("--workers", type=int, default=0)
-    zs.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    add_common(tasks.add_parser("zeroshot", help="zero-shot classification accuracy at each dim"))
+    retrieval = tasks.add_parser("retrieval", help="image-text retrieval recall@K at each dim")
+    add_common(retrieval)
+    retrieval.add_argument("--recall-k", default="1,5,10")
+    for name, help_text in (("linear-probe", "linear probes through MRL / MRL-E heads and per-dim baselines"),
+                            ("cascade", "adaptive classification: smallest confident dim answers")):
+        sub = tasks.add_parser(name, help=help_text)
+        add_common(sub)
+        sub.add_argument("--train-split", default="train", help="split the probes are trained on")
+        sub.add_argument("--cache-dir", default=None, help="feature cache (default: DATA/.mrl_clip_cache)")
+        if name == "linear-probe":
+            sub.add_argument("--probes", default=",".join(PROBE_KINDS), help="any of mrl, mrl-e, fixed")
+            sub.add_argument("--heads-dir", default=None,
+                             help="where trained heads are saved (default: beside the checkpoint)")
+        else:
+            sub.add_argument("--source", choices=["zeroshot", "mrl", "mrl-e"], default="zeroshot",
+                             help="zero-shot logits, or an MRL / MRL-E probe's")
+    args = parser.parse_args(argv)
+    if len(args.compare_pretrained) not in (0, len(args.compare)):
+        raise UserError("give --compare-pretrained once for each --compare, or not at all")
+    return args
+
+
+def short_labels(names: list) -> list:
+    """The shortest path suffixes that tell the models apart ('mrl/export' rather than a long local-dir path)."""
+    parts = [Path(n.replace("local-dir:", "")).parts or (n,) for n in names]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{n} #{i + 1}" for i, n in enumerate(names)]
+
+
+def model_list(args) -> list:
+    """[(label, name, pretrained)] for --model and each --compare."""
+    pretrained = args.compare_pretrained or [None] * len(args.compare)
+    entries = [(args.model, args.pretrained)] + [
+        (name, None if ckpt in (None, "none") else ckpt) for name, ckpt in zip(args.compare, pretrained)]
+    labels = short_labels([ckpt or name for name, ckpt in entries])
+    return [(label, name, ckpt) for label, (name, ckpt) in zip(labels, entries)]
+
+
+def dims_for(name: str, requested) -> list:
+    width = models.embed_width(name)
+    return check_dims(requested, width) if requested else default_dims(width)
 
 
 def run_zeroshot(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256, workers=0):
     """{"dims": [...], "metrics": {"<dim>": {...}}} for one model."""
-    width = models.embed_width(model_name)
-    dims = check_dims(dims, width) if dims else default_dims(width)
+    from .zeroshot import evaluate_zeroshot, load_classification_folder
+
+    dims = dims_for(model_name, dims)
     model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device)
     dataset = load_classification_folder(data, preprocess, split)
     metrics = evaluate_zeroshot(model, tokenizer, dataset, dims, device, batch_size, workers)
     return {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
 
 
+def run_retrieval(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256,
+                  recall_k=(1, 5, 10)):
+    from .zeroshot_retrieval import encode_pairs, load_retrieval_folder, retrieval_metrics
+
+    dims = dims_for(model_name, dims)
+    model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device)
+    model.eval()
+    images, texts, index = encode_pairs(model, tokenizer, load_retrieval_folder(data, preprocess, split), device,
+                                        batch_size)
+    metrics = retrieval_metrics(images, texts, index, dims, recall_k)
+    return {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
+
+
+def load_with_features(args, name, pretrained, splits):
+    """The model, its preprocess and tokenizer, and {split: (full-width image features, labels)} through the
+    feature cache (key: model, checkpoint identity, data folder, split; never the dims)."""
+    from .probe import cached_features, checkpoint_identity
+    from .zeroshot import encode_images, load_classification_folder
+
+    model, _, preprocess, tokenizer = models.create(name, pretrained, device=args.device)
+    model.eval()
+    cache = args.cache_dir or str(Path(args.data) / ".mrl_clip_cache")
+    features = {}
+    for split in splits:
+        key = {"model": name, "checkpoint": checkpoint_identity(pretrained or name),
+               "dataset": str(Path(args.data).resolve()), "split": split}
+        features[split] = cached_features(cache, key, lambda: encode_images(
+            model, load_classification_folder(args.data, preprocess, split, need_prompts=False).dataset,
+            args.device, args.batch_size, args.workers, desc=f"{split} images"))
+    return model, preprocess, tokenizer, features
+
+
+def standardized_probe_data(args, name, pretrained):
+    """Train and test features, z-scored with the train statistics, and the class count."""
+    from .probe import feature_stats, standardize
+
+    _, _, _, features = load_with_features(args, name, pretrained, [args.train_split, args.split])
+    (train_x, train_y), (test_x, test_y) = features[args.train_split], features[args.split]
+    mean, std = feature_stats(train_x)
+    train_x, test_x = standardize(train_x, test_x)
+    return train_x, train_y, test_x, test_y, int(max(train_y.max(), test_y.max())) + 1, {"mean": mean, "std": std}
+
+
+def heads_path(args, name, pretrained, kind) -> Path:
+    if args.heads_dir:
+        folder = Path(args.heads_dir)
+    elif pretrained:
+        folder = Path(pretrained).parent / f"{Path(pretrained).stem}.heads"
+    elif name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):]) / "heads"
+    else:
+        folder = Path("heads") / name
+    return folder / f"{kind}.safetensors"
+
+
+def run_linear_probe(args, name, pretrained, dims, kinds):
+    """{kind: {"dims", "metrics", "probe"}}: heads trained on --train-split, measured on --split, saved beside
+    the checkpoint (never inside open_clip's state_dict)."""
+    from .heads import save_heads
+    from .probe import probe_metrics, select_and_train
+
+    train_x, train_y, test_x, test_y, num_classes, stats = standardized_probe_data(args, name, pretrained)
+    results = {}
+    for kind in kinds:
+        heads, info = select_and_train(train_x, train_y, dims, num_classes, kind)
+        path = heads_path(args, name, pretrained, kind)
+        # the heads expect features z-scored with these train statistics
+        save_heads(path, heads, {"model": name, "pretrained": pretrained, "kind": kind,
+                                 "chosen": info["chosen"], "feature_mean": stats["mean"],
+                                 "feature_std": stats["std"]})
+        metrics = probe_metrics(heads, test_x, test_y, dims)
+        results[kind] = {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()},
+                         "probe": {"chosen": info["chosen"], "val_acc1": {str(m): v for m, v in
+                                                                          info["val_acc1"].items()},
+                                   "heads": str(path)}}
+    return results
+
+
+def run_cascade(args, name, pretrained, dims):
+    """Softmax probabilities per dim on a held-out split and on --split, through evaluate_cascade."""
+    from .cascade import evaluate_cascade
+
+    if args.source == "zeroshot":
+        from .zeroshot import classifier_at, encode_class_prompts, load_classification_folder
+
+        model, preprocess, tokenizer, features = load_with_features(args, name, pretrained, [args.split])
+        x, y = features[args.split]
+        data = load_classification_folder(args.data, preprocess, args.split)
+        prompts = encode_class_prompts(model, tokenizer, data.classnames, data.templates, args.device)
+        probs = {m: (100.0 * torch.nn.functional.normalize(x[:, :m], dim=-1) @ classifier_at(prompts, m).T)
+                 .softmax(dim=1) for m in dims}
+        # thresholds are chosen on half of the split (a fixed permutation), reported on the other half
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        held, test = order[: len(y) // 2], order[len(y) // 2:]
+        return evaluate_cascade({m: p[held] for m, p in probs.items()}, y[held],
+                                {m: p[test] for m, p in probs.items()}, y[test], dims)
+
+    from .probe import select_and_train
+
+    train_x, train_y, test_x, test_y, num_classes, _ = standardized_probe_data(args, name, pretrained)
+    # the probe is fitted on 80% of the train split; its thresholds are chosen on the other 20%
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1))
+    held, fit = order[: len(order) // 5], order[len(order) // 5:]
+    heads, _ = select_and_train(train_x[fit], train_y[fit], dims, num_classes, args.source)
+    with torch.no_grad():
+        held_probs = {m: logits.softmax(dim=1) for m, logits in heads(train_x[held]).items()}
+        test_probs = {m: logits.softmax(dim=1) for m, logits in heads(test_x).items()}
+    return evaluate_cascade(held_probs, train_y[held], test_probs, test_y, dims)
+
+
+def format_cascade(label, result) -> str:
+    lines = [f"{label}: threshold {result['threshold']} (chosen on held-out) -> acc1 {100 * result['acc1']:.2f} "
+             f"with {result['expected_dim']:.1f} expected dims (full width: {100 * result['full_dim_acc1']:.2f})",
+             "  threshold   acc1  expected dims"]
+    lines += [f"  {p['threshold']:9.3f}  {100 * p['acc1']:5.2f}  {p['expected_dim']:13.1f}" for p in result["frontier"]]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    dims = parse_int_list(args.dims, "--dims") if args.dims else None
-    result = run_zeroshot(args.model, args.pretrained, args.data, dims, args.split, args.device,
-                          args.batch_size, args.workers)
-    label = args.model if not args.pretrained else f"{args.model} ({args.pretrained})"
-    print(format_table({label: result}, ZEROSHOT_METRICS))
+    requested = parse_int_list(args.dims, "--dims") if args.dims else None
+    entries = model_list(args)
+    results = {}
+    if args.task == "zeroshot":
+        for label, name, ckpt in entries:
+            results[label] = run_zeroshot(name, ckpt, args.data, requested, args.split, args.device,
+                                          args.batch_size, args.workers)
+        metric_names = ZEROSHOT_METRICS
+    elif args.task == "retrieval":
+        recall_k = parse_int_list(args.recall_k, "--recall-k")
+        if not recall_k or min(recall_k) < 1:
+            raise UserError("--recall-k must be positive integers")
+        for label, name, ckpt in entries:
+            results[label] = run_retrieval(name, ckpt, args.data, requested, args.split, args.device,
+                                           args.batch_size, recall_k)
+        metric_names = [f"{side}_retrieval_recall@{k}" for k in recall_k for side in ("image", "text")]
+    elif args.task == "linear-probe":
+        kinds = [k.strip() for k in args.probes.split(",") if k.strip()]
+        unknown = [k for k in kinds if k not in PROBE_KINDS]
+        if unknown or not kinds:
+            raise UserError(f"--probes takes {', '.join(PROBE_KINDS)}; got {args.probes!r}")
+        for label, name, ckpt in entries:
+            for kind, result in run_linear_probe(args, name, ckpt, dims_for(name, requested), kinds).items():
+                results[f"{label} [{kind}]"] = result
+        metric_names = PROBE_METRICS
+    else:
+        for label, name, ckpt in entries:
+            dims = dims_for(name, requested)
+            results[label] = {"dims": dims, "source": args.source,
+                              "cascade": run_cascade(args, name, ckpt, dims)}
+            print(format_cascade(label, results[label]["cascade"]))
+        if args.output:
+            write_json({"task": "cascade", "data": args.data, "split": args.split, "models": results}, args.output)
+        return 0
+
+    print(format_table(results, metric_names))
     if args.output:
-        write_json({"task": "zeroshot", "model": args.model, "pretrained": args.pretrained, "data": args.data,
-                    "split": args.split, **result}, args.output)
+        report = {"task": args.task, "data": args.data, "split": args.split, "models": results}
+        if len(entries) == 1 and args.task in ("zeroshot", "retrieval"):
+            # the single-model fields of earlier versions, so their readers keep working
+            first = next(iter(results.values()))
+            report.update(model=entries[0][1], pretrained=entries[0][2], dims=first["dims"], metrics=first["metrics"])
+        write_json(report, args.output)
     if args.plot:
-        plot_metric({args.model: result}, "acc1", args.plot, title="zero-shot top-1 vs dim")
+        plot_metrics(results, metric_names, args.plot, title=f"{args.task}: metric vs embedding dim")
     return 0
 
 

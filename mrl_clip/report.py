@@ -13,21 +13,38 @@ def default_dims(width: int, smallest: int = 8) -> list[int]:
 
 
 def format_table(models: dict, metric_names: list) -> str:
-    """models: {label: {"dims": [...], "metrics": {dim: {name: value}}}} -> a dim x (model, metric) table."""
+    """models: {label: {"dims": [...], "metrics": {dim: {name: value}}}} -> dims as rows, metrics as columns
+    (in %), one block per model."""
+    blocks = []
+    for label, entry in models.items():
+        header = ["dim"] + metric_names
+        rows = []
+        for dim in entry["dims"]:
+            metrics = entry["metrics"].get(str(dim)) or entry["metrics"].get(dim)
+            rows.append([str(dim)] + [f"{100 * metrics[name]:.2f}" for name in metric_names])
+        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        blocks.append((f"== {label}\n" if len(models) > 1 else "") + "\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def format_side_by_side(models: dict, metric: str) -> str:
+    """One metric, one column per model: the compact comparison."""
     labels = list(models)
-    header = ["dim"] + [f"{label} {name}" if len(labels) > 1 else name for label in labels for name in metric_names]
+    dims = sorted({int(d) for entry in models.values() for d in entry["dims"]})
+    header = ["dim"] + labels
     rows = []
-    all_dims = sorted({int(d) for entry in models.values() for d in entry["dims"]})
-    for dim in all_dims:
+    for dim in dims:
         row = [str(dim)]
         for label in labels:
             metrics = models[label]["metrics"].get(str(dim)) or models[label]["metrics"].get(dim)
-            row += [f"{100 * metrics[name]:.2f}" if metrics else "-" for name in metric_names]
+            row.append(f"{100 * metrics[metric]:.2f}" if metrics else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return f"{metric}:\n" + "\n".join(lines)
 
 
 def write_json(obj, path) -> None:
@@ -38,26 +55,33 @@ def write_json(obj, path) -> None:
     os.replace(tmp, path)
 
 
-def plot_metric(models: dict, metric: str, path, title: str = "") -> None:
+def plot_metrics(models: dict, metrics: list, path, title: str = "") -> None:
+    """One panel per metric against dim (log2 axis), every model on each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, entry in models.items():
-        dims = [int(d) for d in entry["dims"]]
-        values = [100 * (entry["metrics"].get(str(d)) or entry["metrics"][d])[metric] for d in dims]
-        ax.plot(dims, values, marker="o", label=label)
-    ax.set_xscale("log", base=2)
+    cols = min(3, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
     all_dims = sorted({int(d) for entry in models.values() for d in entry["dims"]})
-    ax.set_xticks(all_dims, [str(d) for d in all_dims])
-    ax.minorticks_off()
-    ax.set_xlabel("embedding dim (prefix, re-normalised)")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(title or metric)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    for ax, metric in zip(axes.flat, metrics):
+        for label, entry in models.items():
+            dims = [int(d) for d in entry["dims"]]
+            values = [100 * (entry["metrics"].get(str(d)) or entry["metrics"][d])[metric] for d in dims]
+            ax.plot(dims, values, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_dims, [str(d) for d in all_dims])
+        ax.minorticks_off()
+        ax.set_xlabel("embedding dim (prefix, re-normalised)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

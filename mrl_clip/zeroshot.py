@@ -25,7 +25,7 @@ class ClassificationSet:
     templates: list
 
 
-def load_classification_folder(folder: str, transform, split: str = "test") -> ClassificationSet:
+def load_classification_folder(folder: str, transform, split: str = "test", need_prompts=True) -> ClassificationSet:
     """A folder in CLIP_benchmark's wds layout, read with CLIP_benchmark's own reader."""
     from clip_benchmark.datasets.builder import build_wds_dataset
 
@@ -34,7 +34,7 @@ def load_classification_folder(folder: str, transform, split: str = "test") -> C
         raise UserError(f"data folder not found: {folder}")
     if not (root / split / "nshards.txt").is_file():
         raise UserError(f"{folder} is not a CLIP_benchmark wds folder: no {split}/nshards.txt")
-    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt") if need_prompts else ():
         if not (root / name).is_file():
             raise UserError(f"{folder} has no {name} (needed for zero-shot classification)")
     dataset = build_wds_dataset(root.name, transform=transform, split=split, data_dir=str(root))

@@ -1,11 +1,13 @@
 """The embedded demo: Fashion-MNIST shards -> a Matryoshka CLIP and a standard CLIP trained with the same
-budget on the CPU -> zero-shot accuracy of both at every nested dim -> table, results.json, plot.
+budget on the CPU -> zero-shot accuracy, retrieval recall, linear probes (MRL, MRL-E, per-dim baselines) and
+cascades of both at every nested dim -> tables, JSON files, plots.
 
     python -m pipelines.demo --out runs/demo      (what `make demo` runs)
 
 Re-running resumes: built shards are kept, training resumes from its latest checkpoint, finished runs are reused.
 """
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -13,24 +15,42 @@ from pathlib import Path
 
 from mrl_clip.checkpoint import latest_checkpoint
 from mrl_clip.errors import ArgumentParser, UserError, run_cli
-from mrl_clip.eval import ZEROSHOT_METRICS, run_zeroshot
-from mrl_clip.report import format_table, plot_metric, write_json
+from mrl_clip.report import format_side_by_side, plot_metrics, write_json
 from pipelines import fashion_mnist
 
 MODEL = "MRL-Tiny-28"
 DIMS = [8, 16, 32, 64, 128, 256]
+PROBE_TRAIN_IMAGES = 20000
 
 
 def build_data(data_dir: Path, source: Path) -> str:
-    eval_dir = data_dir / "fashion_mnist_test"
+    """Training shards, the classification folder (test + a train split for probes), the retrieval folder;
+    each part is built only when missing."""
+    eval_dir, captions_dir = data_dir / "fashion_mnist_test", data_dir / "fashion_mnist_captions"
     shards = sorted(data_dir.glob("train-*.tar"))
-    if (data_dir / "sizes.json").is_file() and shards and (eval_dir / "test" / "nshards.txt").is_file():
+    if (data_dir / "sizes.json").is_file() and shards:
         print(f"[demo] reusing shards in {data_dir}")
-        return str(data_dir / f"train-{{0000..{len(shards) - 1:04d}}}.tar")
-    print(f"[demo] building shards from {source}")
-    pattern = fashion_mnist.build_train_shards(source, data_dir, shard_size=6000)
-    fashion_mnist.build_eval_folder(source, eval_dir)
+        pattern = str(data_dir / f"train-{{0000..{len(shards) - 1:04d}}}.tar")
+    else:
+        print(f"[demo] building shards from {source}")
+        pattern = fashion_mnist.build_train_shards(source, data_dir, shard_size=6000)
+    if not (eval_dir / "train" / "nshards.txt").is_file():
+        fashion_mnist.build_eval_folder(source, eval_dir, train_limit=PROBE_TRAIN_IMAGES)
+    if not (captions_dir / "test" / "nshards.txt").is_file():
+        fashion_mnist.build_retrieval_folder(source, captions_dir, per_class=100)
     return pattern
+
+
+def evaluate(task: str, runs: dict, data: Path, out: Path, *extra) -> dict:
+    """`python -m mrl_clip.eval TASK` on both models, as a user would run it; returns its JSON."""
+    exports = [f"local-dir:{run_dir / 'export'}" for run_dir in runs.values()]
+    name = task.replace("-", "_")
+    cmd = [sys.executable, "-m", "mrl_clip.eval", task, "--model", exports[0], "--compare", exports[1],
+           "--data", str(data), "--dims", ",".join(map(str, DIMS)), "--output", str(out / f"{name}.json"),
+           *extra]
+    print("[demo] " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads((out / f"{name}.json").read_text())
 
 
 def train(out: Path, name: str, dims: list, shards: str, args) -> Path:
@@ -81,20 +101,22 @@ def main(argv=None):
     runs = {"mrl": train(args.out, "mrl", DIMS, shards, args),
             "standard": train(args.out, "standard", DIMS[-1:], shards, args)}
 
-    eval_dir = str(args.out / "data" / "fashion_mnist_test")
-    results = {}
-    for label, run_dir in runs.items():
-        print(f"[demo] zero-shot evaluation of {label} at dims {DIMS}", flush=True)
-        results[label] = run_zeroshot(f"local-dir:{run_dir / 'export'}", None, eval_dir, DIMS)
-    write_json({"task": "zeroshot", "data": eval_dir, "models": results}, args.out / "results.json")
-    plot_metric(results, "acc1", args.out / "accuracy_vs_dim.png",
-                title="Fashion-MNIST zero-shot top-1: MRL vs standard CLIP")
+    data = args.out / "data"
+    zeroshot = evaluate("zeroshot", runs, data / "fashion_mnist_test", args.out)
+    results = dict(zip(runs, zeroshot["models"].values()))
+    write_json({"task": "zeroshot", "data": zeroshot["data"], "models": results}, args.out / "results.json")
+    plot_metrics(results, ["acc1"], args.out / "accuracy_vs_dim.png",
+                 title="Fashion-MNIST zero-shot top-1: MRL vs standard CLIP")
+    evaluate("retrieval", runs, data / "fashion_mnist_captions", args.out, "--plot", str(args.out / "retrieval.png"))
+    evaluate("linear-probe", runs, data / "fashion_mnist_test", args.out, "--plot",
+             str(args.out / "linear_probe.png"))
+    evaluate("cascade", runs, data / "fashion_mnist_test", args.out)
     print()
-    print(format_table(results, ["acc1", "acc5"]))
+    print(format_side_by_side(results, "acc1"))
     print()
     print(summarise(results))
-    print(f"[demo] results: {args.out / 'results.json'}, plot: {args.out / 'accuracy_vs_dim.png'} "
-          f"({time.time() - started:.0f} s)")
+    print(f"[demo] results in {args.out}: results.json (zero-shot), retrieval.json, linear_probe.json, cascade.json, "
+          f"accuracy_vs_dim.png, retrieval.png, linear_probe.png ({time.time() - started:.0f} s)")
     return 0
 
 

@@ -4,8 +4,9 @@
 
 writes OUT/train-0000.tar ... (image + caption, several caption templates per class) with sizes.json, and
 OUT/fashion_mnist_test/ in CLIP_benchmark's wds layout (classnames.txt, zeroshot_classification_templates.txt,
-test/nshards.txt, test/0.tar with png + cls), readable by `clip_benchmark eval --dataset wds/fashion_mnist_test
---dataset_root OUT/fashion_mnist_test`.
+test/nshards.txt, test/0.tar with png + cls; a train/ split of the first training images for linear probes),
+readable by `clip_benchmark eval --dataset wds/fashion_mnist_test --dataset_root OUT/fashion_mnist_test`, and
+OUT/fashion_mnist_captions/, a CLIP_benchmark retrieval folder (dataset_type.txt, image + txt captions).
 """
 import argparse
 import gzip
@@ -84,16 +85,40 @@ def build_train_shards(source: Path, out: Path, shard_size: int, limit=None, see
     return brace_pattern(out, "train", len(sizes))
 
 
-def build_eval_folder(source: Path, folder: Path, limit=None) -> Path:
+def build_eval_folder(source: Path, folder: Path, limit=None, train_limit=0) -> Path:
+    """CLIP_benchmark classification folder: the test split, and (train_limit > 0) the first train_limit training
+    images as a train split for linear probes."""
     from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset
 
-    images, labels = load_split(source, "test")
-    if limit:
-        images, labels = images[:limit], labels[:limit]
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    convert_dataset(LabelledImages(images, labels), "test", str(tmp), transform=PIL_to_bytes("png"),
-                    image_format="png", verbose=False)
+    splits = [("test", limit)] + ([("train", train_limit)] if train_limit else [])
+    for split, count in splits:
+        images, labels = load_split(source, split)
+        if count:
+            images, labels = images[:count], labels[:count]
+        convert_dataset(LabelledImages(images, labels), split, str(tmp), transform=PIL_to_bytes("png"),
+                        image_format="png", verbose=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def build_retrieval_folder(source: Path, folder: Path, per_class: int = 100, captions: int = 2, seed: int = 0):
+    """CLIP_benchmark retrieval folder from the test split: per_class images of each class, each with `captions`
+    distinct caption templates of its class. The captions name the class only, so same-class images tie: a
+    caption's one positive image shares its class with per_class - 1 others, which caps recall@K near K/per_class."""
+    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_retrieval_dataset
+
+    images, labels = load_split(source, "test")
+    rng = random.Random(seed)
+    chosen = [i for c in range(len(CLASSNAMES)) for i in np.flatnonzero(labels == c)[:per_class]]
+    pairs = [(Image.fromarray(images[i]), [t.format(c=CLASSNAMES[int(labels[i])])
+                                          for t in rng.sample(CAPTION_TEMPLATES, captions)]) for i in chosen]
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert_retrieval_dataset(pairs, "test", str(tmp), transform=PIL_to_bytes("png"), image_format="png",
+                              verbose=False)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -106,11 +131,19 @@ def main(argv=None):
     parser.add_argument("--shard-size", type=int, default=6000)
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    parser.add_argument("--probe-train-limit", type=int, default=20000,
+                        help="training images in the eval folder's train split (for linear probes; 0: none)")
+    parser.add_argument("--retrieval-per-class", type=int, default=100,
+                        help="test images per class in the retrieval folder (0: no retrieval folder)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the caption template choice")
     args = parser.parse_args(argv)
     pattern = build_train_shards(args.source, args.out, args.shard_size, args.train_limit, args.seed)
-    folder = build_eval_folder(args.source, args.out / "fashion_mnist_test", args.test_limit)
+    folder = build_eval_folder(args.source, args.out / "fashion_mnist_test", args.test_limit,
+                               args.probe_train_limit)
     print(f"train shards: {pattern}\neval folder:  {folder}")
+    if args.retrieval_per_class:
+        captions = build_retrieval_folder(args.source, args.out / "fashion_mnist_captions", args.retrieval_per_class)
+        print(f"retrieval folder: {captions}")
 
 
 if __name__ == "__main__":

@@ -23,13 +23,16 @@ def run_module(*args, timeout=600, env=None):
 
 @pytest.fixture(scope="session")
 def fmnist_data(tmp_path_factory):
-    """Small real-data shards: 4 x 512 training pairs and a 500-image CLIP_benchmark eval folder."""
+    """Small real-data shards: 4 x 512 training pairs, a CLIP_benchmark classification folder (500 test and 1000
+    train images) and a retrieval folder (200 images x 2 captions), both written by CLIP_benchmark's converters."""
     if not (fashion_mnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"Fashion-MNIST missing: {fashion_mnist.INSTALL_HINT} (make test installs it)")
     out = tmp_path_factory.mktemp("fmnist")
     pattern = fashion_mnist.build_train_shards(fashion_mnist.DEBIAN_DIR, out, shard_size=512, limit=2048)
-    eval_dir = fashion_mnist.build_eval_folder(fashion_mnist.DEBIAN_DIR, out / "fashion_mnist_test", limit=500)
-    return {"root": out, "train": pattern, "eval": eval_dir}
+    eval_dir = fashion_mnist.build_eval_folder(fashion_mnist.DEBIAN_DIR, out / "fashion_mnist_test", limit=500,
+                                               train_limit=1000)
+    captions = fashion_mnist.build_retrieval_folder(fashion_mnist.DEBIAN_DIR, out / "captions", per_class=20)
+    return {"root": out, "train": pattern, "eval": eval_dir, "captions": captions}
 
 
 @pytest.fixture(scope="session")

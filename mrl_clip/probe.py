@@ -1,0 +1,217 @@
+"""Linear probes at every nested dim of frozen features: MRL, MRL-E and independent fixed-feature baselines.
+
+Features are standardized coordinate-wise with the train statistics (so slicing a prefix commutes with it),
+then a multinomial logistic regression is fitted by full-batch L-BFGS to
+    objective = sum_m w_m * mean CE(logits_m, y) + weight_decay / 2 * sum ||W||^2   (biases not penalised)
+which for one dim is sklearn's LogisticRegression with C = 1 / (weight_decay * N). A convex problem solved to
+convergence leaves one hyper-parameter, weight_decay (no learning rate, epochs or batch size to tune).
+
+On frozen features MRL's separate heads are independent problems: with equal weights "mrl" and "fixed" fit the
+same per-dim objective (up to solver tolerance), and a dim weight w_m only rescales that head's penalty to
+weight_decay / w_m. MRL-E's shared weight couples the dims. So with a frozen backbone, the MRL-vs-fixed-feature
+difference comes from the backbone's training, not from the probe.
+"""
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from clip_benchmark.metrics.zeroshot_classification import accuracy
+
+from .checkpoint import atomic_torch_save
+from .dims import check_dims, check_weights
+from .errors import UserError
+from .heads import MRLHeads
+
+KINDS = ("mrl", "mrl-e", "fixed")
+DEFAULT_GRID = {"weight_decay": [0.0, 1e-4, 1e-3, 1e-2, 1e-1]}
+CACHE_KEY_FIELDS = ("model", "checkpoint", "dataset", "split")
+
+
+def feature_stats(train):
+    """Coordinate-wise train mean and std (std floored so constant coordinates do not blow up)."""
+    train = train.float()
+    return train.mean(dim=0), train.std(dim=0, unbiased=False).clamp_min(1e-6)
+
+
+def standardize(train, *others):
+    """z-score every coordinate with the train mean/std; returns (train, *others) standardized."""
+    mean, std = feature_stats(train)
+    return tuple((x.float() - mean) / std for x in (train, *others))
+
+
+def _check_inputs(x, y, dims, num_classes):
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise UserError(f"features {tuple(x.shape)} and labels {tuple(y.shape)} do not match")
+    dims = check_dims(dims, width=x.shape[1])
+    if x.shape[0] == 0:
+        raise UserError("no training samples for the linear probe")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise UserError(f"labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+    return dims
+
+
+def _fit(heads: MRLHeads, x, y, weights, weight_decay, max_iter, chunk_size):
+    """Full-batch L-BFGS from zero (the problem is convex, so no random init is needed and the result is
+    deterministic). The loss is accumulated over row chunks only to bound memory; the step is full-batch."""
+    x, y = x.float(), y.long()
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.zero_()
+    heads.train()
+    penalised = heads.linear_weights()
+    opt = torch.optim.LBFGS(heads.parameters(), lr=1.0, max_iter=max_iter, history_size=10,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+    n = x.shape[0]
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(0, n, chunk_size):
+            logits = heads(x[i:i + chunk_size])
+            target = y[i:i + chunk_size]
+            loss = sum(w * F.cross_entropy(logits[m], target, reduction="sum") for m, w in zip(heads.dims, weights))
+            (loss / n).backward()
+            total += loss.item() / n
+        if weight_decay:
+            penalty = 0.5 * weight_decay * sum(w.pow(2).sum() for w in penalised)
+            penalty.backward()
+            total += penalty.item()
+        return torch.tensor(total)
+
+    opt.step(closure)
+    heads.eval()
+    return heads
+
+
+def train_mrl_probe(train_x, train_y, dims, num_classes, efficient=False, weights=None, weight_decay=1e-4,
+                    max_iter=200, chunk_size=16384) -> MRLHeads:
+    """MRL (or MRL-E) heads trained jointly on the weighted sum over dims of the cross-entropies."""
+    dims = _check_inputs(train_x, train_y, dims, num_classes)
+    weights = check_weights(weights, dims)
+    heads = MRLHeads(dims, num_classes, efficient=efficient)
+    return _fit(heads, train_x, train_y, weights, weight_decay, max_iter, chunk_size)
+
+
+def train_fixed_feature_probes(train_x, train_y, dims, num_classes, weight_decay=1e-4, max_iter=200,
+                               chunk_size=16384) -> MRLHeads:
+    """The baseline: an independent Linear probe per dim m on x[:, :m], each trained alone (own optimiser, own
+    loss), returned packed as MRLHeads(efficient=False) so evaluation and saving treat it like the others."""
+    dims = _check_inputs(train_x, train_y, dims, num_classes)
+    packed = MRLHeads(dims, num_classes, efficient=False)
+    for m, slot in zip(dims, packed.heads):
+        alone = _fit(MRLHeads([m], num_classes), train_x, train_y, [1.0], weight_decay, max_iter, chunk_size)
+        slot.load_state_dict(alone.heads[0].state_dict())
+    return packed.eval()
+
+
+def train_probe(kind, train_x, train_y, dims, num_classes, weights=None, **hparams) -> MRLHeads:
+    if kind == "fixed":
+        return train_fixed_feature_probes(train_x, train_y, dims, num_classes, **hparams)
+    if kind in ("mrl", "mrl-e"):
+        return train_mrl_probe(train_x, train_y, dims, num_classes, efficient=kind == "mrl-e", weights=weights,
+                               **hparams)
+    raise UserError(f"probe kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+@torch.no_grad()
+def probe_metrics(heads: MRLHeads, x, y, dims=None) -> dict:
+    """{dim: {"lp_acc1", "lp_acc5"}} with CLIP_benchmark's top-k accuracy; lp_acc5 is nan under 5 classes."""
+    dims = heads.dims if dims is None else list(dims)
+    missing = [m for m in dims if m not in heads.dims]
+    if missing:
+        raise UserError(f"the probe heads have no dims {missing} (they have {heads.dims})")
+    heads.eval()
+    logits = heads(x.float())
+    y = torch.as_tensor(y).long()
+    results = {}
+    for m in dims:
+        if heads.num_classes >= 5:
+            acc1, acc5 = accuracy(logits[m], y, topk=(1, 5))
+        else:
+            (acc1,), acc5 = accuracy(logits[m], y, topk=(1,)), float("nan")
+        results[m] = {"lp_acc1": acc1, "lp_acc5": acc5}
+    return results
+
+
+def select_and_train(train_x, train_y, dims, num_classes, kind, grid=None, val_fraction=0.2, seed=0,
+                     weights=None, **fixed):
+    """Pick hyper-parameters on a validation split carved from train (by mean val top-1 over dims; ties go to
+    the earlier grid entry), then retrain on all of train with them.
+    `grid` maps hyper-parameter names of `train_mrl_probe` to lists of values (default DEFAULT_GRID); `fixed`
+    passes others unchanged (e.g. max_iter); `seed` fixes the split. The split is carved from features already
+    standardized with all-train statistics, a negligible leak that keeps one standardization per run.
+    Returns (heads, {"chosen": {name: value}, "val_acc1": {dim: acc} at the chosen values, "tried": [...]})."""
+    grid = DEFAULT_GRID if grid is None else grid
+    if not grid or any(len(v) == 0 for v in grid.values()):
+        raise UserError(f"the probe hyper-parameter grid has an empty entry: {grid}")
+    dims = _check_inputs(train_x, train_y, dims, num_classes)
+    n = train_x.shape[0]
+    n_val = int(round(n * val_fraction))
+    if not 0 < n_val < n:
+        raise UserError(f"val_fraction {val_fraction} of {n} training samples leaves an empty split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, fit_idx = order[:n_val], order[n_val:]
+
+    names = list(grid)
+    tried, best = [], None
+    for values in itertools.product(*(grid[k] for k in names)):
+        hp = dict(zip(names, values))
+        heads = train_probe(kind, train_x[fit_idx], train_y[fit_idx], dims, num_classes, weights=weights,
+                            **fixed, **hp)
+        val = {m: r["lp_acc1"] for m, r in probe_metrics(heads, train_x[val_idx], train_y[val_idx]).items()}
+        mean = sum(val.values()) / len(val)
+        tried.append({**hp, "val_mean_acc1": mean})
+        if best is None or mean > best[0]:
+            best = (mean, hp, val)
+    _, chosen, val_acc1 = best
+    heads = train_probe(kind, train_x, train_y, dims, num_classes, weights=weights, **fixed, **chosen)
+    return heads, {"chosen": chosen, "val_acc1": val_acc1, "tried": tried}
+
+
+def checkpoint_identity(checkpoint) -> dict:
+    """What makes a checkpoint distinct for caching: a file's resolved path + size + mtime_ns, a folder's
+    (a `local-dir:` export) files likewise, or otherwise the string itself (a pretrained tag such as 'openai')."""
+    text = str(checkpoint)
+    path = Path(text[len("local-dir:"):] if text.startswith("local-dir:") else text)
+    if path.is_file():
+        st = path.stat()
+        return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {"path": str(path.resolve()),
+                "files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    return {"name": text}
+
+
+def cache_path(cache_dir, key: dict) -> Path:
+    missing = [k for k in CACHE_KEY_FIELDS if k not in key]
+    if missing:
+        raise ValueError(f"feature cache key lacks {missing}: {sorted(key)}")
+    if "dims" in key:
+        # features are cached at full width and sliced per dim, so dims in the key would only split the cache
+        raise ValueError("feature cache key must not hold dims")
+    text = json.dumps(key, sort_keys=True, default=str)
+    return Path(cache_dir) / f"features-{hashlib.sha256(text.encode()).hexdigest()[:32]}.pt"
+
+
+def cached_features(cache_dir, key: dict, compute: Callable):
+    """(features, labels) at full width: from the cache file for `key`, or `compute()` then stored.
+    The key holds model, checkpoint identity (see `checkpoint_identity`), dataset folder and split: caching by
+    model + dataset alone (as CLIP_benchmark does) would serve one checkpoint's features for another."""
+    path = cache_path(cache_dir, key)
+    key_text = json.dumps(key, sort_keys=True, default=str)
+    if path.is_file():
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if entry.get("key") == key_text:
+                return entry["features"], entry["labels"]
+        except Exception:
+            pass  # unreadable or foreign: recompute and overwrite
+    features, labels = compute()
+    features, labels = features.float().cpu(), torch.as_tensor(labels).long().cpu()
+    atomic_torch_save({"features": features, "labels": labels, "key": key_text}, path)
+    return features, labels

@@ -1,0 +1,70 @@
+"""Image-text retrieval recall@K at every nested dim from one full-width encoding.
+
+Metrics are CLIP_benchmark's (its recall_at_k and batchify, the CLIP-paper convention: a query scores 1 when any
+of its positives is in the top K): image_retrieval_recall@K (text query -> images), text_retrieval_recall@K
+(image query -> texts). Each dim slices the full-width features and re-normalises the prefix.
+"""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .errors import UserError
+
+
+def dataset_type(folder: str) -> str:
+    path = Path(folder) / "dataset_type.txt"
+    return path.read_text().strip().lower() if path.is_file() else "classification"
+
+
+def load_retrieval_folder(folder: str, transform, split: str = "test"):
+    """A CLIP_benchmark wds retrieval folder (dataset_type.txt says 'retrieval'; image + txt, one caption a line),
+    read with CLIP_benchmark's own reader."""
+    from clip_benchmark.datasets.builder import build_wds_dataset
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {folder}")
+    if not (root / split / "nshards.txt").is_file():
+        raise UserError(f"{folder} is not a CLIP_benchmark wds folder: no {split}/nshards.txt")
+    if dataset_type(folder) != "retrieval":
+        raise UserError(f"{folder} is not a retrieval folder (its dataset_type.txt must say 'retrieval')")
+    return build_wds_dataset(root.name, transform=transform, split=split, data_dir=str(root))
+
+
+@torch.no_grad()
+def encode_pairs(model, tokenizer, dataset, device="cpu", batch_size=256):
+    """Full-width unnormalised image and text features, and for each text the index of its image."""
+    images, texts, text_image_index = [], [], []
+    loader = DataLoader(dataset.batched(batch_size), batch_size=None, shuffle=False, num_workers=0)
+    start = 0
+    for batch_images, batch_captions in tqdm(loader, desc="encoding images and captions", leave=False):
+        captions = [c for per_image in batch_captions for c in per_image]
+        text_image_index += [start + i for i, per_image in enumerate(batch_captions) for _ in per_image]
+        images.append(model.encode_image(batch_images.to(device)).float().cpu())
+        texts.append(model.encode_text(tokenizer(captions).to(device)).float().cpu())
+        start += len(batch_images)
+    if not images:
+        raise UserError("the evaluation data holds no samples")
+    return torch.cat(images), torch.cat(texts), torch.tensor(text_image_index)
+
+
+def retrieval_metrics(image_features, text_features, text_image_index, dims, recall_k=(1, 5, 10),
+                      batch_size=256) -> dict:
+    """{dim: {"image_retrieval_recall@K", "text_retrieval_recall@K"}}, CLIP_benchmark's definitions."""
+    results = {}
+    for m in dims:
+        scores = F.normalize(text_features[:, :m], dim=-1) @ F.normalize(image_features[:, :m], dim=-1).T
+        positives = torch.zeros_like(scores, dtype=torch.bool)
+        positives[torch.arange(len(scores)), text_image_index] = True
+        metrics = {}
+        for k in recall_k:
+            metrics[f"image_retrieval_recall@{k}"] = (
+                batchify(recall_at_k, scores, positives, batch_size, "cpu", k=k) > 0).float().mean().item()
+            metrics[f"text_retrieval_recall@{k}"] = (
+                batchify(recall_at_k, scores.T, positives.T, batch_size, "cpu", k=k) > 0).float().mean().item()
+        results[m] = metrics
+    return results

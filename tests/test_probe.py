@@ -1,0 +1,225 @@
+"""Linear probes through MRL / MRL-E heads, on synthetic features (no trained model needed)."""
+import pickle
+
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from mrl_clip.errors import UserError
+from mrl_clip.heads import MRLHeads, load_heads, save_heads
+from mrl_clip.probe import (cached_features, checkpoint_identity, probe_metrics, select_and_train, standardize,
+                            train_fixed_feature_probes, train_mrl_probe)
+
+DIMS = [8, 16, 32, 64]
+CLASSES = 10
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matmuls: a second intra-op thread only adds contention on a busy 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def mixture(n, seed, d=64, k=CLASSES):
+    """Gaussian classes whose mean separation decays along the coordinates: the signal sits in the first dims.
+    Offset and scaled so that standardization matters."""
+    scale = 1.2 * torch.exp(-torch.arange(d) / 12.0)
+    means = torch.randn(k, d, generator=torch.Generator().manual_seed(123)) * scale
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    return 3.0 * (means[y] + torch.randn(n, d, generator=g)) + 5.0, y
+
+
+@pytest.fixture(scope="module")
+def data():
+    train_x, train_y = mixture(2000, seed=1)
+    test_x, test_y = mixture(1000, seed=2)
+    train_x, test_x = standardize(train_x, test_x)
+    return train_x, train_y, test_x, test_y
+
+
+def test_standardize_is_coordinatewise_so_prefixes_commute():
+    train, other = torch.randn(50, 16) * 4 + 2, torch.randn(20, 16)
+    full_train, full_other = standardize(train, other)
+    assert torch.allclose(full_train.mean(0), torch.zeros(16), atol=1e-5)
+    assert torch.allclose(full_train.std(0, unbiased=False), torch.ones(16), atol=1e-4)
+    pre_train, pre_other = standardize(train[:, :8], other[:, :8])
+    assert torch.allclose(pre_train, full_train[:, :8]) and torch.allclose(pre_other, full_other[:, :8])
+
+
+def test_mrl_e_logits_are_prefix_of_shared_weight():
+    heads = MRLHeads(DIMS, CLASSES, efficient=True)
+    x = torch.randn(7, 64)
+    w, b = heads.shared.weight, heads.shared.bias
+    logits = heads(x)
+    assert list(logits) == DIMS
+    for m in DIMS:
+        assert torch.allclose(logits[m], x[:, :m] @ w[:, :m].T + b)
+    assert sum(p.numel() for p in heads.parameters()) == 64 * CLASSES + CLASSES
+
+
+def test_mrl_head_sees_only_its_prefix():
+    heads = MRLHeads(DIMS, CLASSES)
+    assert [h.in_features for h in heads.heads] == DIMS
+    x = torch.randn(5, 64)
+    changed = x.clone()
+    changed[:, 16:] = torch.randn(5, 48)
+    a, b = heads(x), heads(changed)
+    assert torch.equal(a[8], b[8]) and torch.equal(a[16], b[16])
+    assert not torch.allclose(a[32], b[32])
+
+
+def test_heads_reject_bad_dims():
+    with pytest.raises(UserError):
+        MRLHeads([16, 8], CLASSES)
+    with pytest.raises(ValueError):
+        MRLHeads(DIMS, CLASSES)(torch.randn(2, 32))
+
+
+WD = 1e-3
+
+
+@pytest.fixture(scope="module")
+def sklearn_acc(data):
+    """Independent reference at full width: the same L2-penalised logistic regression, solved by sklearn."""
+    train_x, train_y, test_x, test_y = data
+    reference = LogisticRegression(C=1.0 / (WD * len(train_y)), max_iter=2000)
+    reference.fit(train_x.numpy(), train_y.numpy())
+    return reference.score(test_x.numpy(), test_y.numpy())
+
+
+@pytest.mark.parametrize("kind", ["mrl", "mrl-e", "fixed"])
+def test_probes_learn_and_match_sklearn_reference(data, sklearn_acc, kind):
+    train_x, train_y, test_x, test_y = data
+    wd = WD
+    if kind == "fixed":
+        heads = train_fixed_feature_probes(train_x, train_y, DIMS, CLASSES, weight_decay=wd)
+    else:
+        heads = train_mrl_probe(train_x, train_y, DIMS, CLASSES, efficient=kind == "mrl-e", weight_decay=wd)
+    metrics = probe_metrics(heads, test_x, test_y, DIMS)
+    for m in DIMS:
+        assert metrics[m]["lp_acc1"] > 0.6, (m, metrics)
+        assert metrics[m]["lp_acc5"] >= metrics[m]["lp_acc1"]
+    assert sklearn_acc < 0.95  # not trivially separable, so agreement means something
+    assert abs(metrics[64]["lp_acc1"] - sklearn_acc) < 0.05, (metrics[64], sklearn_acc)
+
+
+def test_fixed_probe_heads_are_trained_independently(data):
+    train_x, train_y, _, _ = data
+    packed = train_fixed_feature_probes(train_x, train_y, DIMS, CLASSES, weight_decay=1e-3)
+    alone = train_fixed_feature_probes(train_x, train_y, [16], CLASSES, weight_decay=1e-3)
+    assert torch.allclose(packed.heads[1].weight, alone.heads[0].weight)
+
+
+def test_acc5_is_nan_under_five_classes():
+    x, y = torch.randn(40, 8), torch.arange(40) % 3
+    heads = train_mrl_probe(x, y, [4, 8], 3, max_iter=20)
+    result = probe_metrics(heads, x, y)
+    assert result[4]["lp_acc5"] != result[4]["lp_acc5"]  # nan
+    assert 0.0 <= result[8]["lp_acc1"] <= 1.0
+
+
+def test_select_and_train_reports_choice(data):
+    train_x, train_y, test_x, test_y = data
+    grid = {"weight_decay": [0.0, 1e-3, 1e-1]}
+    heads, info = select_and_train(train_x, train_y, DIMS, CLASSES, "mrl-e", grid=grid, max_iter=100)
+    assert heads.efficient and heads.dims == DIMS
+    assert set(info["chosen"]) == {"weight_decay"} and info["chosen"]["weight_decay"] in grid["weight_decay"]
+    assert sorted(info["val_acc1"]) == DIMS and all(0.6 < a <= 1.0 for a in info["val_acc1"].values())
+    assert [t["weight_decay"] for t in info["tried"]] == grid["weight_decay"]
+    best = max(t["val_mean_acc1"] for t in info["tried"])
+    assert abs(sum(info["val_acc1"].values()) / len(DIMS) - best) < 1e-9
+    assert all(r["lp_acc1"] > 0.6 for r in probe_metrics(heads, test_x, test_y).values())
+    with pytest.raises(UserError):
+        select_and_train(train_x, train_y, DIMS, CLASSES, "linear", grid=grid)
+
+
+def _key(ckpt, split="train", dataset="/data/fmnist"):
+    return {"model": "MRL-Tiny-28", "checkpoint": checkpoint_identity(ckpt), "dataset": dataset, "split": split}
+
+
+def _counting(x):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return x, torch.arange(x.shape[0])
+    return compute, calls
+
+
+def test_cache_is_keyed_by_checkpoint_and_split_not_dims(tmp_path):
+    cache = tmp_path / "cache"
+    a, b = tmp_path / "step_10.pt", tmp_path / "step_20.pt"
+    a.write_bytes(b"checkpoint a")
+    b.write_bytes(b"checkpoint b")
+    x = torch.randn(6, 64)
+    compute, calls = _counting(x)
+
+    first, labels = cached_features(cache, _key(a), compute)
+    assert torch.equal(first, x) and torch.equal(labels, torch.arange(6))
+    again, _ = cached_features(cache, _key(a), compute)  # same key: served from disk
+    assert len(calls) == 1 and torch.equal(again, x)
+    # one full-width entry serves every dim: slicing happens after the cache
+    assert [again[:, :m].shape[1] for m in DIMS] == DIMS
+    with pytest.raises(ValueError):
+        cached_features(cache, {**_key(a), "dims": DIMS}, compute)
+
+    cached_features(cache, _key(b), compute)  # another checkpoint file
+    assert len(calls) == 2
+    cached_features(cache, _key(a, split="test"), compute)  # another split
+    assert len(calls) == 3
+    cached_features(cache, _key(a, dataset="/data/other"), compute)  # another dataset
+    assert len(calls) == 4
+
+    a.write_bytes(b"checkpoint a, overwritten by a later run")  # same path, new content
+    cached_features(cache, _key(a), compute)
+    assert len(calls) == 5
+    assert len(list(cache.glob("*.pt"))) == 5 and not list(cache.glob("*.tmp"))
+
+
+def test_corrupt_cache_entry_is_recomputed(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"c")
+    x = torch.randn(3, 8)
+    compute, calls = _counting(x)
+    cached_features(tmp_path / "cache", _key(ckpt), compute)
+    (entry,) = (tmp_path / "cache").glob("*.pt")
+    entry.write_bytes(b"garbage")
+    got, _ = cached_features(tmp_path / "cache", _key(ckpt), compute)
+    assert len(calls) == 2 and torch.equal(got, x)
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_save_load_round_trip(tmp_path, efficient):
+    heads = MRLHeads(DIMS, CLASSES, efficient=efficient)
+    mean, std = torch.randn(64), torch.rand(64) + 0.5
+    path = save_heads(tmp_path / "heads.safetensors", heads,
+                      {"kind": "mrl-e" if efficient else "mrl", "chosen": {"weight_decay": 1e-3},
+                       "feature_mean": mean, "feature_std": std})
+    loaded, meta = load_heads(path)
+    assert loaded.dims == DIMS and loaded.num_classes == CLASSES and loaded.efficient == efficient
+    assert meta["chosen"] == {"weight_decay": 1e-3} and torch.equal(meta["feature_mean"], mean)
+    assert torch.equal(meta["feature_std"], std)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        before, after = heads(x), loaded(x)
+    assert all(torch.equal(before[m], after[m]) for m in DIMS)
+
+
+def test_load_refuses_pickle(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    path = tmp_path / "heads.safetensors"
+    path.write_bytes(pickle.dumps({"state": Boom()}))
+    with pytest.raises(UserError, match="not an mrl_clip heads file"):
+        load_heads(path)
+    torch.save(MRLHeads(DIMS, CLASSES).state_dict(), tmp_path / "heads.pt")
+    with pytest.raises(UserError):
+        load_heads(tmp_path / "heads.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_heads(tmp_path / "missing.safetensors")
