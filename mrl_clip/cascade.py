@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999]
+# the last value can never be reached: full width answers everything, the frontier's end point
+DEFAULT_THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999, 0.9999, 1.01]
 
 
 def cascade_predict(probs_by_dim: dict, dims, threshold: float):

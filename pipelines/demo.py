@@ -20,7 +20,7 @@ from pipelines import fashion_mnist
 
 MODEL = "MRL-Tiny-28"
 DIMS = [8, 16, 32, 64, 128, 256]
-PROBE_TRAIN_IMAGES = 20000
+PROBE_TRAIN_IMAGES = 10000
 
 
 def build_data(data_dir: Path, source: Path) -> str:

@@ -131,7 +131,7 @@ def main(argv=None):
     parser.add_argument("--shard-size", type=int, default=6000)
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    parser.add_argument("--probe-train-limit", type=int, default=20000,
+    parser.add_argument("--probe-train-limit", type=int, default=10000,
                         help="training images in the eval folder's train split (for linear probes; 0: none)")
     parser.add_argument("--retrieval-per-class", type=int, default=100,
                         help="test images per class in the retrieval folder (0: no retrieval folder)")
