@@ -74,7 +74,7 @@ def plot_metrics(models: dict, metrics: list, path, title: str = "") -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_dims, [str(d) for d in all_dims])
         ax.minorticks_off()
-        ax.set_xlabel("embedding dim (prefix, re-normalised)")
+        ax.set_xlabel("embedding dim m (prefix z[:m])")
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
