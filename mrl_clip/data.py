@@ -137,7 +137,7 @@ def make_train_stream(
     workers_eff = max(1, workers)
     if resampled:
         pipeline = [ResampledShards2(
-            shards, deterministic=True, epoch=epoch - 1,  # ResampledShards2 increments before use
+            urls, deterministic=True, epoch=epoch - 1,  # ResampledShards2 increments before use
             worker_seed=functools.partial(_worker_seed, seed, rank))]
     else:
         if len(shards) < workers_eff * world_size:

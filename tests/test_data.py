@@ -86,3 +86,13 @@ def test_too_few_shards_for_workers(fmnist_data):
 def test_sizes_json_written(fmnist_data):
     sizes = json.loads((fmnist_data["root"] / "sizes.json").read_text())
     assert sizes == {f"train-{i:04d}.tar": 512 for i in range(4)}
+
+
+def test_resampled_mode_draws_shards_with_replacement_per_seed(fmnist_data):
+    def texts(seed):
+        return [t for _, t, _ in stream(fmnist_data["train"], 512, seed=seed, workers=1, resampled=True).loader]
+
+    first, again, other = texts(0), texts(0), texts(1)
+    assert len(first) == 16 and all(t.shape == (32, 16) for t in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
