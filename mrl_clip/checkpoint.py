@@ -12,21 +12,27 @@ from .errors import UserError
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, flush to disk, then rename over `path`."""
+def atomic_write(path, write) -> Path:
+    """`write(tmp_path)` writes a temporary file in the same folder; it is flushed to disk, then renamed over
+    `path`, so readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -72,12 +78,7 @@ def export_local_dir(model, model_cfg: dict, folder: Path) -> Path:
     from open_clip.push_to_hf_hub import save_config_for_hf
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights_tmp = folder / f".{HF_SAFE_WEIGHTS_NAME}.tmp"
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(tensors, weights_tmp)
-    os.replace(weights_tmp, folder / HF_SAFE_WEIGHTS_NAME)
-    config_tmp = folder / f".{HF_CONFIG_NAME}.tmp"
-    save_config_for_hf(model, config_tmp, model_config=model_cfg)
-    os.replace(config_tmp, folder / HF_CONFIG_NAME)
+    atomic_write(folder / HF_SAFE_WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+    atomic_write(folder / HF_CONFIG_NAME, lambda tmp: save_config_for_hf(model, Path(tmp), model_config=model_cfg))
     return folder

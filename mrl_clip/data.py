@@ -106,6 +106,13 @@ def batches_per_worker_done(batches_done: int, workers: int) -> dict:
     return {w: len(range(w, batches_done, workers)) for w in range(workers)}
 
 
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, workers: int) -> int:
+    """Batches each rank takes per epoch: enough for num_samples, rounded up so every worker makes as many
+    (open_clip's rule; equal counts keep DDP ranks in step)."""
+    workers = max(1, workers)
+    return math.ceil(math.ceil(num_samples / (batch_size * world_size)) / workers) * workers
+
+
 @dataclass
 class TrainStream:
     loader: wds.WebLoader
@@ -167,10 +174,8 @@ def make_train_stream(
     dataset = wds.DataPipeline(*pipeline)
 
     global_batch = batch_size * world_size
-    num_batches = math.ceil(num_samples / global_batch)
-    worker_batches = math.ceil(num_batches / workers_eff)
-    num_batches = worker_batches * workers_eff
-    dataset = dataset.with_epoch(worker_batches)
+    num_batches = batches_per_epoch(num_samples, batch_size, world_size, workers)
+    dataset = dataset.with_epoch(num_batches // workers_eff)
     # seeds the workers' torch RNG (augmentations) from (seed, epoch, rank), not from the trainer's RNG state
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
     loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,

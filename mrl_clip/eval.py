@@ -186,14 +186,13 @@ def run_cascade(args, name, pretrained, dims):
     from .cascade import evaluate_cascade
 
     if args.source == "zeroshot":
-        from .zeroshot import classifier_at, encode_class_prompts, load_classification_folder
+        from .zeroshot import encode_class_prompts, load_classification_folder, zeroshot_logits
 
         model, preprocess, tokenizer, features = load_with_features(args, name, pretrained, [args.split])
         x, y = features[args.split]
         data = load_classification_folder(args.data, preprocess, args.split)
         prompts = encode_class_prompts(model, tokenizer, data.classnames, data.templates, args.device)
-        probs = {m: (100.0 * torch.nn.functional.normalize(x[:, :m], dim=-1) @ classifier_at(prompts, m).T)
-                 .softmax(dim=1) for m in dims}
+        probs = {m: zeroshot_logits(x, prompts, m).softmax(dim=1) for m in dims}
         # thresholds are chosen on half of the split (a fixed permutation), reported on the other half
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
         held, test = order[: len(y) // 2], order[len(y) // 2:]

@@ -5,14 +5,13 @@ Heads are saved in their own safetensors file beside a checkpoint, never inside 
 """
 import json
 import numbers
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import atomic_write
 from .dims import check_dims
 from .errors import UserError
 
@@ -65,17 +64,8 @@ def save_heads(path, heads: MRLHeads, meta: dict) -> Path:
             plain[key] = value
     header = {"format": FORMAT, "dims": heads.dims, "num_classes": heads.num_classes,
               "efficient": heads.efficient, "meta": plain}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata={"mrl_heads": json.dumps(header)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(
+        tensors, tmp, metadata={"mrl_heads": json.dumps(header)}))
 
 
 def load_heads(path):

@@ -1,7 +1,6 @@
 """Matryoshka contrastive loss: open_clip's CLIP loss summed over nested prefixes of the embedding."""
 from typing import Optional, Sequence
 
-import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, gather_features
 

@@ -19,12 +19,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from clip_benchmark.metrics.zeroshot_classification import accuracy
 
 from .checkpoint import atomic_torch_save
 from .dims import check_dims, check_weights
 from .errors import UserError
 from .heads import MRLHeads
+from .zeroshot import top1_top5
 
 KINDS = ("mrl", "mrl-e", "fixed")
 DEFAULT_GRID = {"weight_decay": [0.0, 1e-4, 1e-3, 1e-2, 1e-1]}
@@ -129,10 +129,7 @@ def probe_metrics(heads: MRLHeads, x, y, dims=None) -> dict:
     y = torch.as_tensor(y).long()
     results = {}
     for m in dims:
-        if heads.num_classes >= 5:
-            acc1, acc5 = accuracy(logits[m], y, topk=(1, 5))
-        else:
-            (acc1,), acc5 = accuracy(logits[m], y, topk=(1,)), float("nan")
+        acc1, acc5 = top1_top5(logits[m], y)
         results[m] = {"lp_acc1": acc1, "lp_acc5": acc5}
     return results
 

@@ -1,7 +1,8 @@
 """Tables, JSON and plots of metrics per nested dim."""
 import json
-import os
 from pathlib import Path
+
+from .checkpoint import atomic_write
 
 
 def default_dims(width: int, smallest: int = 8) -> list[int]:
@@ -12,20 +13,24 @@ def default_dims(width: int, smallest: int = 8) -> list[int]:
     return dims + [width]
 
 
+def render_table(header: list, rows: list) -> str:
+    """Right-aligned columns under a header and a rule."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_table(models: dict, metric_names: list) -> str:
     """models: {label: {"dims": [...], "metrics": {dim: {name: value}}}} -> dims as rows, metrics as columns
     (in %), one block per model."""
     blocks = []
     for label, entry in models.items():
-        header = ["dim"] + metric_names
         rows = []
         for dim in entry["dims"]:
             metrics = entry["metrics"].get(str(dim)) or entry["metrics"].get(dim)
             rows.append([str(dim)] + [f"{100 * metrics[name]:.2f}" for name in metric_names])
-        widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        blocks.append((f"== {label}\n" if len(models) > 1 else "") + "\n".join(lines))
+        blocks.append((f"== {label}\n" if len(models) > 1 else "") + render_table(["dim"] + metric_names, rows))
     return "\n\n".join(blocks)
 
 
@@ -41,18 +46,12 @@ def format_side_by_side(models: dict, metric: str) -> str:
             metrics = models[label]["metrics"].get(str(dim)) or models[label]["metrics"].get(dim)
             row.append(f"{100 * metrics[metric]:.2f}" if metrics else "-")
         rows.append(row)
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return f"{metric}:\n" + "\n".join(lines)
+    return f"{metric}:\n" + render_table(header, rows)
 
 
 def write_json(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def plot_metrics(models: dict, metrics: list, path, title: str = "") -> None:

@@ -9,7 +9,6 @@ checkpoints/step_N.pt (open_clip's checkpoint format), export/ (a local-dir: mod
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from . import models
 from .checkpoint import atomic_torch_save, export_local_dir, latest_checkpoint, load_checkpoint_file, \
     prune_checkpoints
-from .data import count_samples, make_train_stream, resolve_shards
+from .data import batches_per_epoch, count_samples, make_train_stream, resolve_shards
 from .dims import check_dims, check_weights, parse_float_list, parse_int_list
 from .errors import ArgumentParser, UserError, run_cli
 from .loss import MatryoshkaClipLoss
@@ -213,8 +212,7 @@ def main(argv=None):
     autocast = get_autocast(args.precision, device_type=device.type)
 
     global_batch = args.batch_size * args.world_size
-    steps_per_epoch = math.ceil(math.ceil(args.train_num_samples / global_batch) / max(1, args.workers)) \
-        * max(1, args.workers)
+    steps_per_epoch = batches_per_epoch(args.train_num_samples, args.batch_size, args.world_size, args.workers)
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)

@@ -4,7 +4,6 @@ Metric conventions are CLIP_benchmark's (its `accuracy`, sklearn's balanced accu
 logits = 100 * image @ classifier, classifier = normalised mean of normalised prompt embeddings); the one
 difference is that each dim m slices the full-width features first and re-normalises the prefix.
 """
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +24,20 @@ class ClassificationSet:
     templates: list
 
 
-def load_classification_folder(folder: str, transform, split: str = "test", need_prompts=True) -> ClassificationSet:
-    """A folder in CLIP_benchmark's wds layout, read with CLIP_benchmark's own reader."""
-    from clip_benchmark.datasets.builder import build_wds_dataset
-
+def check_wds_folder(folder: str, split: str) -> Path:
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"data folder not found: {folder}")
     if not (root / split / "nshards.txt").is_file():
         raise UserError(f"{folder} is not a CLIP_benchmark wds folder: no {split}/nshards.txt")
+    return root
+
+
+def load_classification_folder(folder: str, transform, split: str = "test", need_prompts=True) -> ClassificationSet:
+    """A folder in CLIP_benchmark's wds layout, read with CLIP_benchmark's own reader."""
+    from clip_benchmark.datasets.builder import build_wds_dataset
+
+    root = check_wds_folder(folder, split)
     for name in ("classnames.txt", "zeroshot_classification_templates.txt") if need_prompts else ():
         if not (root / name).is_file():
             raise UserError(f"{folder} has no {name} (needed for zero-shot classification)")
@@ -70,16 +74,26 @@ def classifier_at(prompt_features, dim):
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
 
+def zeroshot_logits(image_features, prompt_features, dim):
+    """CLIP_benchmark's logits (100 x cosine) from the dim-m prefixes."""
+    return 100.0 * F.normalize(image_features[:, :dim], dim=-1) @ classifier_at(prompt_features, dim).T
+
+
+def top1_top5(logits, labels) -> tuple:
+    """CLIP_benchmark's top-1 and top-5 accuracy; top-5 is nan under 5 classes, as in CLIP_benchmark."""
+    if logits.shape[1] >= 5:
+        acc1, acc5 = accuracy(logits, labels, topk=(1, 5))
+        return acc1, acc5
+    (acc1,) = accuracy(logits, labels, topk=(1,))
+    return acc1, float("nan")
+
+
 def zeroshot_metrics(image_features, labels, prompt_features, dims) -> dict:
     """{dim: {"acc1", "acc5", "mean_per_class_recall"}} from one full-width encoding."""
     results = {}
-    num_classes = prompt_features.shape[0]
     for m in dims:
-        logits = 100.0 * F.normalize(image_features[:, :m], dim=-1) @ classifier_at(prompt_features, m).T
-        if num_classes >= 5:
-            acc1, acc5 = accuracy(logits, labels, topk=(1, 5))
-        else:
-            (acc1,), acc5 = accuracy(logits, labels, topk=(1,)), float("nan")
+        logits = zeroshot_logits(image_features, prompt_features, m)
+        acc1, acc5 = top1_top5(logits, labels)
         recall = balanced_accuracy_score(labels.numpy(), logits.argmax(dim=1).numpy())
         results[m] = {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(recall)}
     return results

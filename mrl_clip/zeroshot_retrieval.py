@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .errors import UserError
+from .zeroshot import check_wds_folder
 
 
 def dataset_type(folder: str) -> str:
@@ -25,11 +26,7 @@ def load_retrieval_folder(folder: str, transform, split: str = "test"):
     read with CLIP_benchmark's own reader."""
     from clip_benchmark.datasets.builder import build_wds_dataset
 
-    root = Path(folder)
-    if not root.is_dir():
-        raise UserError(f"data folder not found: {folder}")
-    if not (root / split / "nshards.txt").is_file():
-        raise UserError(f"{folder} is not a CLIP_benchmark wds folder: no {split}/nshards.txt")
+    root = check_wds_folder(folder, split)
     if dataset_type(folder) != "retrieval":
         raise UserError(f"{folder} is not a retrieval folder (its dataset_type.txt must say 'retrieval')")
     return build_wds_dataset(root.name, transform=transform, split=split, data_dir=str(root))

@@ -1,13 +1,16 @@
 """Writing image-caption WebDataset shards, with open_clip's sizes.json beside them."""
 import io
+import itertools
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
+
+from mrl_clip.checkpoint import atomic_write
+from mrl_clip.report import write_json
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -16,33 +19,34 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def write_tar(path: Path, samples: Iterable[dict]) -> int:
+    """One shard, written to a temporary name and renamed when whole; returns its sample count."""
+    count = 0
+
+    def write(tmp):
+        nonlocal count
+        with wds.TarWriter(tmp) as writer:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+
+    atomic_write(path, write)
+    return count
+
+
 def write_shards(samples: Iterable[dict], folder: Path, prefix: str, shard_size: int, total=None) -> dict:
     """Write samples ({"__key__", "png"/"jpg"/..., "txt"}) to FOLDER/PREFIX-0000.tar, ... and sizes.json.
-    Returns {shard file name: sample count}. Shards are written to a temporary name and renamed when whole."""
+    Returns {shard file name: sample count}."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    stream = iter(tqdm(samples, total=total, desc=f"writing {prefix} shards", unit="sample"))
     sizes: dict[str, int] = {}
-    writer = None
-    index = 0
-    for sample in tqdm(samples, total=total, desc=f"writing {prefix} shards", unit="sample"):
-        if writer is None or sizes[name] >= shard_size:
-            if writer is not None:
-                writer.close()
-                os.replace(tmp_path, folder / name)
-            name = f"{prefix}-{index:04d}.tar"
-            tmp_path = folder / f".{name}.tmp"
-            writer = wds.TarWriter(str(tmp_path))
-            sizes[name] = 0
-            index += 1
-        writer.write(sample)
-        sizes[name] += 1
-    if writer is not None:
-        writer.close()
-        os.replace(tmp_path, folder / name)
+    while (first := next(stream, None)) is not None:
+        name = f"{prefix}-{len(sizes):04d}.tar"
+        sizes[name] = write_tar(folder / name, itertools.chain([first], itertools.islice(stream, shard_size - 1)))
     sizes_path = folder / "sizes.json"
     old = json.loads(sizes_path.read_text()) if sizes_path.exists() else {}
     old = {k: v for k, v in old.items() if not k.startswith(f"{prefix}-")}
-    sizes_path.write_text(json.dumps({**old, **sizes}, indent=1))
+    write_json({**old, **sizes}, sizes_path)
     return sizes
 
 

@@ -2,7 +2,6 @@ import json
 
 import open_clip
 import pytest
-import torch
 from clip_benchmark.metrics import zeroshot_classification
 from torch.utils.data import DataLoader
 
