@@ -1,10 +1,13 @@
-"""Matryoshka CLIP training on WebDataset shards (one process, or torchrun / srun with DDP).
+"""Matryoshka CLIP training on WebDataset shards (one process, or torchrun / srun with DDP or DeepSpeed).
 
     python -m mrl_clip.train --model MRL-Tiny-28 --train-data 'shards/train-{0000..0009}.tar' \
         --dims 8,16,32,64,128,256 --batch-size 128 --epochs 1 --logs runs --name mrl
+    ... --deepspeed configs/ds_zero2_bf16.json       # the same loop through a DeepSpeed engine
 
 Flags share open_clip's names where open_clip's trainer has the same thing. A run folder LOGS/NAME holds
-checkpoints/step_N.pt (open_clip's checkpoint format), export/ (a local-dir: model), log.jsonl and params.json.
+checkpoints/step_N.pt (open_clip's checkpoint format), export/ (a local-dir: model), log.jsonl and params.json;
+with --deepspeed also checkpoints/deepspeed/ (DeepSpeed's own checkpoints, used to resume). SIGUSR1 (SLURM's
+pre-emption warning) makes the run checkpoint and exit with code 75, for its sbatch script to requeue it.
 """
 import argparse
 import json
@@ -16,21 +19,24 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+import webdataset as wds
 from open_clip_train.distributed import init_distributed_device
 from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
-from . import models
+from . import ds_engine, models
 from .checkpoint import atomic_torch_save, export_local_dir, latest_checkpoint, load_checkpoint_file, \
     prune_checkpoints
 from .data import batches_per_epoch, count_samples, make_train_stream, resolve_shards
 from .dims import check_dims, check_weights, parse_float_list, parse_int_list
 from .errors import ArgumentParser, UserError, run_cli
 from .loss import MatryoshkaClipLoss
+from .preempt import EXIT_PREEMPTED, PreemptionSignal
 
 LOGIT_SCALE_MAX = math.log(100)
 
@@ -73,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every-n-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (for smoke runs)")
+    p.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
+                   help="train through a DeepSpeed engine with this config (ZeRO stage, bf16/fp16); "
+                        "batch sizes and clipping come from our flags")
     args = p.parse_args(argv)
     args.dims = parse_int_list(args.dims, "--dims")
     args.dim_weights = parse_float_list(args.dim_weights, "--dim-weights") if args.dim_weights else None
@@ -81,6 +90,11 @@ def parse_args(argv=None):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0:
         raise UserError("--workers must be 0 or more")
+    if args.deepspeed and args.precision != "fp32":
+        raise UserError("with --deepspeed, precision is set in the DeepSpeed config (bf16.enabled / fp16.enabled)")
+    if args.deepspeed and args.resume not in (None, "latest") and not Path(args.resume).is_dir():
+        raise UserError(f"--resume with --deepspeed takes 'latest' or a DeepSpeed checkpoint folder "
+                        f"(RUN/checkpoints/deepspeed/step_N): {args.resume} is not one")
     return args
 
 
@@ -111,6 +125,7 @@ class StepResult:
     loss: float
     per_dim: dict
     skipped: bool = False
+    logit_scale: Optional[float] = None  # exp(logit_scale) the loss used (the engine path; ZeRO-3 shards the weight)
 
 
 def train_step(model, loss_fn, optimizer, scaler, autocast, images, texts, accum_freq, grad_clip_norm):
@@ -199,17 +214,28 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     device = init_distributed_device(args)
+    ds_config = None
+    if args.deepspeed:
+        ds_config = ds_engine.load_config(args.deepspeed, args.batch_size, args.accum_freq, args.world_size,
+                                          args.grad_clip_norm)
     is_master = args.rank == 0
     args.name = args.name or f"{args.model}-mrl{'-'.join(map(str, args.dims))}"
     run_dir = Path(args.logs) / args.name
     checkpoint_dir = run_dir / "checkpoints"
+    ds_dir = checkpoint_dir / "deepspeed"
     random_seed(args.seed, 0)  # same initial weights on every rank
 
     model, preprocess_train, _, tokenizer = models.create(args.model, args.pretrained, device=str(device))
     model_cfg = models.model_config(args.model)
+    if ds_config is not None:
+        ds_engine.vector_logit_scale(model)
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "amp" else None
     autocast = get_autocast(args.precision, device_type=device.type)
+    engine = None
+    if ds_config is not None:
+        ds_engine.ensure_process_group(device)
+        engine, optimizer = ds_engine.initialize(model, optimizer, ds_config)
 
     global_batch = args.batch_size * args.world_size
     steps_per_epoch = batches_per_epoch(args.train_num_samples, args.batch_size, args.world_size, args.workers)
@@ -219,27 +245,22 @@ def main(argv=None):
     schedule = cosine_lr(optimizer, args.lr, args.warmup, steps_per_epoch * args.epochs)
 
     step = 0
-    resume_path = resolve_resume(args.resume, checkpoint_dir)
-    if resume_path is not None:
-        checkpoint = load_checkpoint_file(resume_path)
-        if checkpoint.get("dims") not in (None, args.dims):
-            raise UserError(f"{resume_path} was trained with --dims {checkpoint['dims']}, not {args.dims}")
-        try:
-            model.load_state_dict(checkpoint["state_dict"])
-        except RuntimeError as err:
-            raise UserError(f"{resume_path} does not fit model {args.model}: {str(err).splitlines()[0]}") from None
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and "scaler" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler"])
-        step = int(checkpoint["step"])
-        if "rng" in checkpoint and checkpoint.get("world_size", 1) == args.world_size:
-            set_rng_state(checkpoint["rng"][min(args.rank, len(checkpoint["rng"]) - 1)])
-        if is_master:
-            print(f"resumed from {resume_path} at step {step}", file=sys.stderr)
+    if engine is not None:
+        step = resume_deepspeed(engine, args, ds_dir)
+        random_seed(args.seed, args.rank + step)  # DeepSpeed keeps no RNG state; a resumed run draws anew
     else:
-        random_seed(args.seed, args.rank)
+        resume_path = resolve_resume(args.resume, checkpoint_dir)
+        if resume_path is not None:
+            step = resume_checkpoint(resume_path, args, model, optimizer, scaler)
+        else:
+            random_seed(args.seed, args.rank)
+    if is_master and step:
+        print(f"resumed at step {step}", file=sys.stderr)
+    if args.distributed and not args.dataset_resampled:
+        print(f"rank {args.rank} of {args.world_size} reads shards: {' '.join(rank_shards(args.train_data))}",
+              file=sys.stderr)
 
-    if args.distributed:
+    if args.distributed and engine is None:
         ddp_args = {} if device.type == "cpu" else {"device_ids": [device]}
         model = torch.nn.parallel.DistributedDataParallel(model, **ddp_args)
     loss_fn = MatryoshkaClipLoss(args.dims, args.dim_weights, local_loss=args.local_loss,
@@ -249,24 +270,33 @@ def main(argv=None):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "params.json").write_text(json.dumps(vars(args), indent=1, default=str))
     log_file = open(run_dir / "log.jsonl", "a") if is_master else None
+    meta = {"name": args.name, "model": args.model, "dims": args.dims, "dim_weights": args.dim_weights,
+            "world_size": args.world_size, "seed": args.seed}
 
     def save(step, epoch):
+        if engine is not None:
+            # every rank writes its DeepSpeed part; rank 0 adds the fp32 open_clip checkpoint rebuilt from it
+            tag = ds_engine.save(engine, ds_dir, step, {"step": step, "epoch": epoch, **meta},
+                                 args.keep_checkpoints)
+            if is_master:
+                atomic_torch_save(ds_engine.open_clip_checkpoint(ds_dir, tag), checkpoint_dir / f"step_{step}.pt")
+                prune_checkpoints(checkpoint_dir, args.keep_checkpoints)
+            return
         if not is_master:
             return
-        rng = [rng_state()] if args.world_size == 1 else None
-        payload = {"epoch": epoch, "name": args.name, "state_dict": unwrap(model).state_dict(),
-                   "optimizer": optimizer.state_dict(), "step": step, "model": args.model, "dims": args.dims,
-                   "dim_weights": args.dim_weights, "world_size": args.world_size, "seed": args.seed}
-        if rng is not None:
-            payload["rng"] = rng
+        payload = {"epoch": epoch, "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                   "step": step, **meta}
+        if args.world_size == 1:
+            payload["rng"] = [rng_state()]
         if scaler is not None:
             payload["scaler"] = scaler.state_dict()
         atomic_torch_save(payload, checkpoint_dir / f"step_{step}.pt")
         prune_checkpoints(checkpoint_dir, args.keep_checkpoints)
 
+    preemption = PreemptionSignal()
     bad_by_worker: dict = {}
     progress = tqdm(total=total_steps, initial=step, desc=args.name, disable=not is_master, dynamic_ncols=True)
-    model.train()
+    (engine or model).train()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         stream = make_train_stream(
@@ -281,21 +311,31 @@ def main(argv=None):
             images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
             lr = schedule(step)
             t_step = time.perf_counter()
-            result = train_step(model, loss_fn, optimizer, scaler, autocast, images, texts, args.accum_freq,
-                                args.grad_clip_norm)
+            if engine is not None:
+                result = deepspeed_step(engine, loss_fn, images, texts, args.accum_freq)
+            else:
+                result = train_step(model, loss_fn, optimizer, scaler, autocast, images, texts, args.accum_freq,
+                                    args.grad_clip_norm)
             step += 1
             progress.update(1)
             if is_master and (step % args.log_every_n_steps == 0 or step == total_steps):
                 now = time.perf_counter()
                 record = {"step": step, "epoch": epoch, "lr": lr, "loss": result.loss,
                           "loss_dim": {str(m): v for m, v in result.per_dim.items()},
-                          "logit_scale": float(unwrap(model).logit_scale.detach().exp()),
+                          "logit_scale": result.logit_scale or float(unwrap(model).logit_scale.detach().exp()),
                           "samples_per_s": global_batch / max(now - t_data, 1e-9),
                           "step_s": now - t_step, "bad_samples": sum(bad_by_worker.values()),
                           "skipped_step": result.skipped}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 progress.set_postfix_str(" ".join(f"{m}:{v:.3f}" for m, v in result.per_dim.items()))
+            if step < total_steps and preemption.agreed(device):
+                save(step, step // steps_per_epoch)
+                if is_master:
+                    print(f"pre-empted: checkpoint at step {step} of {total_steps}; resume with --resume latest",
+                          file=sys.stderr)
+                finish(args)
+                return EXIT_PREEMPTED
             if step % args.save_every_n_steps == 0 and step < total_steps:
                 save(step, step // steps_per_epoch)
             t_data = time.perf_counter()
@@ -306,15 +346,73 @@ def main(argv=None):
 
     save(step, step // steps_per_epoch)
     if is_master:
-        export_local_dir(unwrap(model), model_cfg, run_dir / "export")
+        export_model = unwrap(model)
+        if engine is not None:  # the fp32 weights, in open_clip's layout, from the checkpoint just written
+            export_model = models.create(args.model)[0]
+            export_model.load_state_dict(load_checkpoint_file(checkpoint_dir / f"step_{step}.pt")["state_dict"])
+        export_local_dir(export_model, model_cfg, run_dir / "export")
         print(f"done: {step} steps; checkpoint {checkpoint_dir / f'step_{step}.pt'}; "
               f"export local-dir:{run_dir / 'export'}; bad samples skipped: {sum(bad_by_worker.values())}",
               file=sys.stderr)
         log_file.close()
-    if args.distributed:
+    finish(args)
+    return 0
+
+
+def rank_shards(urls: str) -> list:
+    """The shards webdataset's node splitter gives this rank (the same call as in the training stream)."""
+    return [shard["url"] for shard in wds.split_by_node([{"url": url} for url in resolve_shards(urls)])]
+
+
+def finish(args):
+    if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return 0
+
+
+def resume_checkpoint(path: Path, args, model, optimizer, scaler) -> int:
+    checkpoint = load_checkpoint_file(path)
+    if checkpoint.get("dims") not in (None, args.dims):
+        raise UserError(f"{path} was trained with --dims {checkpoint['dims']}, not {args.dims}")
+    if "optimizer" not in checkpoint:
+        raise UserError(f"{path} holds weights only (a DeepSpeed run's fp32 copy): resume that run with "
+                        "--deepspeed, or start from these weights with --pretrained")
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit model {args.model}: {str(err).splitlines()[0]}") from None
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if "rng" in checkpoint and checkpoint.get("world_size", 1) == args.world_size:
+        set_rng_state(checkpoint["rng"][min(args.rank, len(checkpoint["rng"]) - 1)])
+    return int(checkpoint["step"])
+
+
+def resume_deepspeed(engine, args, ds_dir: Path) -> int:
+    """--resume latest: DeepSpeed's newest complete checkpoint of this run (none yet: a fresh start);
+    --resume PATH: a DeepSpeed checkpoint folder (RUN/checkpoints/deepspeed/step_N)."""
+    if args.resume is None:
+        return 0
+    if args.resume == "latest":
+        tag = ds_engine.latest_tag(ds_dir)
+        if tag is None:
+            return 0
+        folder, tag = ds_dir, tag
+    else:
+        folder, tag = Path(args.resume).parent, Path(args.resume).name
+    client_state = ds_engine.load(engine, folder, tag)
+    if client_state.get("dims") not in (None, args.dims):
+        raise UserError(f"{folder / tag} was trained with --dims {client_state['dims']}, not {args.dims}")
+    return int(client_state["step"])
+
+
+def deepspeed_step(engine, loss_fn, images, texts, accum_freq) -> StepResult:
+    total, per_dim, logit_scale, stepped = ds_engine.train_step(engine, loss_fn, images, texts, accum_freq)
+    if stepped:
+        ds_engine.clamp_logit_scale(engine, LOGIT_SCALE_MAX)
+    return StepResult(float(total.detach()), {m: float(v) for m, v in per_dim.items()}, skipped=not stepped,
+                      logit_scale=float(logit_scale.detach().float().reshape(-1)[0]))
 
 
 if __name__ == "__main__":
