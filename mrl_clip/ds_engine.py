@@ -43,6 +43,9 @@ def load_config(path, batch_size: int, accum_freq: int, world_size: int, grad_cl
                         "cosine schedule from its flags (--lr, --wd, --warmup, ...)")
     if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
         raise UserError(f"{path}: fp16 and bf16 are both enabled")
+    if config.get("zero_optimization", {}).get("stage", 0) not in (1, 2, 3):
+        raise UserError(f"{path}: set zero_optimization.stage to 1, 2 or 3 (ZeRO-0 is plain data parallelism: "
+                        "train without --deepspeed)")
     config["train_micro_batch_size_per_gpu"] = batch_size // accum_freq
     config["gradient_accumulation_steps"] = accum_freq
     config["train_batch_size"] = batch_size * world_size

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# ViT-B-32 towers with a 768-d Matryoshka embedding (ViT-B-32-768) on N nodes x G GPUs, DeepSpeed ZeRO-2 bf16.
+# ViT-B-32 towers with a 768-d Matryoshka embedding (ViT-B-32-768) on N nodes x G GPUs, DeepSpeed ZeRO-2, bf16 autocast.
 #
 #   TRAIN_DATA='/data/laion/{00000..41407}.tar' TRAIN_NUM_SAMPLES=400000000 sbatch --nodes 4 slurm/train_vitb.sh
 #
 # Environment: TRAIN_DATA (required), TRAIN_NUM_SAMPLES (default: sizes.json beside the shards), OUTPUT_DIR
 # (runs/slurm), RUN_NAME (job name + id: a requeued job keeps it and resumes), DS_CONFIG
-# (configs/ds_zero2_bf16.json; empty: plain DDP with --precision amp_bf16), PYTHON (python). Extra arguments go to
+# (configs/ds_zero2_autocast_bf16.json: fp32 weights, bf16 autocast, as open_clip's amp_bf16; empty: plain DDP
+# with --precision amp_bf16), PYTHON (python). Extra arguments go to
 # mrl_clip.train after the defaults below and override them (e.g. --epochs 10 --lr 1e-3).
 # Change nodes / GPUs per node on the sbatch command line or here; ranks = nodes x ntasks-per-node.
 #SBATCH --job-name=mrl-vitb32
@@ -21,7 +22,7 @@
 set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
 source slurm/common.sh
-DS_CONFIG=${DS_CONFIG-configs/ds_zero2_bf16.json}
+DS_CONFIG=${DS_CONFIG-configs/ds_zero2_autocast_bf16.json}
 check_inputs
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 

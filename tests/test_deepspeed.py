@@ -132,6 +132,7 @@ def test_usr1_checkpoints_and_exits_then_resume_finishes(fmnist_data, tmp_path):
 @pytest.mark.parametrize("config_text,extra,message", [
     ("{not json", [], "is not valid JSON"),
     ('{"optimizer": {"type": "Adam"}}', [], "leave 'optimizer' and 'scheduler' out"),
+    ('{"bf16": {"enabled": true}}', [], "set zero_optimization.stage to 1, 2 or 3"),
     ('{"zero_optimization": {"stage": 2}}', ["--precision", "amp_bf16"], "precision is set in the DeepSpeed config"),
     ('{"zero_optimization": {"stage": 2}}', ["--resume", "nowhere/step_3"], "DeepSpeed checkpoint folder"),
 ])

@@ -118,6 +118,24 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, fmnist_data, tmp
     assert steps == list(range(1, preempted_at + 1)) + list(range(preempted_at + 1, 17))
 
 
+def test_train_vitb_script_runs_on_cpu_ranks(slurm, fmnist_data, tmp_path):
+    """The GPU job script's plumbing (resampled shards, DeepSpeed, requeue-safe run name) with its GPU header
+    overridden on the sbatch command line and the demo model in place of ViT-B-32-768."""
+    out = tmp_path / "job.out"
+    job = subprocess.run(["sbatch", "--wait", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+                          "--output", str(out), str(ROOT / "slurm" / "train_vitb.sh"), "--model", "MRL-Tiny-28",
+                          "--dims", "8,256", "--device", "cpu", "--batch-size", "32", "--max-steps", "4",
+                          "--workers", "1", "--threads", "1"],
+                         cwd=ROOT, env=sbatch_env(tmp_path, fmnist_data["train"],
+                                                  DS_CONFIG=str(ROOT / "configs" / "ds_zero2_fp32.json")),
+                         capture_output=True, text=True, timeout=600)
+    text = out.read_text()
+    assert job.returncode == 0, text[-3000:]
+    assert "2 ranks" in text and "done: 4 steps" in text
+    checkpoint = torch.load(tmp_path / "runs" / "tiny" / "checkpoints" / "step_4.pt", weights_only=True)
+    assert checkpoint["world_size"] == 2 and checkpoint["dims"] == [8, 256]
+
+
 def test_two_ranks_zero2_gradients_equal_one_rank_on_joined_batch(slurm, tmp_path):
     """srun -n 2, DeepSpeed ZeRO-2, gather-with-grad + local loss, batch B per rank: the engine's averaged
     gradient equals plain autograd on one process with the joined 2B batch (fp32; tolerance 1e-5 of each
