@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data-deps demo test test-fast bench clean-demo
+.PHONY: setup data-deps demo test test-fast bench clean-demo cluster cluster-stop
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# A real one-node Slurm cluster on this machine (root): what the cluster tests use; they start it themselves too.
+cluster:
+	slurm/local_cluster.sh start
+
+cluster-stop:
+	slurm/local_cluster.sh stop
 
 clean-demo:
 	rm -rf runs/demo
