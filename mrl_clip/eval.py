@@ -17,7 +17,7 @@ import torch
 from . import models
 from .dims import check_dims, parse_int_list
 from .errors import ArgumentParser, UserError, run_cli
-from .report import default_dims, format_table, plot_metrics, write_json
+from .report import default_dims, format_table, plot_metrics, render_table, write_json
 
 ZEROSHOT_METRICS = ["acc1", "acc5", "mean_per_class_recall"]
 PROBE_METRICS = ["lp_acc1", "lp_acc5"]
@@ -49,6 +49,9 @@ def parse_args(argv=None):
     retrieval = tasks.add_parser("retrieval", help="image-text retrieval recall@K at each dim")
     add_common(retrieval)
     retrieval.add_argument("--recall-k", default="1,5,10")
+    retrieval.add_argument("--funnel", default=None, metavar="DIM:K,...",
+                           help="also search through a funnel, e.g. 32:400,768:10 (stage 1 finds K candidates at "
+                                "DIM, later stages re-rank them at larger dims), against exact full-width search")
     for name, help_text in (("linear-probe", "linear probes through MRL / MRL-E heads and per-dim baselines"),
                             ("cascade", "adaptive classification: smallest confident dim answers")):
         sub = tasks.add_parser(name, help=help_text)
@@ -104,16 +107,36 @@ def run_zeroshot(model_name, pretrained, data, dims=None, split="test", device="
 
 
 def run_retrieval(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256,
-                  recall_k=(1, 5, 10)):
-    from .zeroshot_retrieval import encode_pairs, load_retrieval_folder, retrieval_metrics
+                  recall_k=(1, 5, 10), funnel=None):
+    """{"dims", "metrics"} and, with a funnel spec, "funnel": the same recall@K through funnel search and exact
+    full-width search, with ms per query of each."""
+    from .retrieval import format_funnel, parse_funnel
+    from .zeroshot_retrieval import encode_pairs, funnel_retrieval_metrics, load_retrieval_folder, \
+        retrieval_metrics
 
     dims = dims_for(model_name, dims)
+    stages = parse_funnel(funnel, models.embed_width(model_name), max(recall_k)) if funnel else None
     model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device)
     model.eval()
     images, texts, index = encode_pairs(model, tokenizer, load_retrieval_folder(data, preprocess, split), device,
                                         batch_size)
     metrics = retrieval_metrics(images, texts, index, dims, recall_k)
-    return {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
+    result = {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
+    if stages:
+        result["funnel"] = {"stages": format_funnel(stages),
+                            **funnel_retrieval_metrics(images, texts, index, stages, recall_k)}
+    return result
+
+
+def format_funnel_table(label, funnel, metric_names) -> str:
+    """Exact full-width search and the funnel side by side: recall@K (%) and ms per query each way."""
+    rows = []
+    for kind, name in (("exact", "exact (full width)"), ("funnel", f"funnel {funnel['stages']}")):
+        entry = funnel[kind]
+        rows.append([name] + [f"{100 * entry['metrics'][m]:.2f}" for m in metric_names]
+                    + [f"{entry['ms_per_query'][side]:.3f}" for side in ("image_retrieval", "text_retrieval")])
+    header = ["search"] + metric_names + ["image ms/query", "text ms/query"]
+    return f"{label}: faiss search\n" + render_table(header, rows)
 
 
 def load_with_features(args, name, pretrained, splits):
@@ -236,8 +259,11 @@ def main(argv=None):
             raise UserError("--recall-k must be positive integers")
         for label, name, ckpt in entries:
             results[label] = run_retrieval(name, ckpt, args.data, requested, args.split, args.device,
-                                           args.batch_size, recall_k)
+                                           args.batch_size, recall_k, args.funnel)
         metric_names = [f"{side}_retrieval_recall@{k}" for k in recall_k for side in ("image", "text")]
+        for label, result in results.items():
+            if "funnel" in result:
+                print(format_funnel_table(label, result["funnel"], metric_names) + "\n")
     elif args.task == "linear-probe":
         kinds = [k.strip() for k in args.probes.split(",") if k.strip()]
         unknown = [k for k in kinds if k not in PROBE_KINDS]

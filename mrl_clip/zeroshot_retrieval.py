@@ -4,6 +4,7 @@ Metrics are CLIP_benchmark's (its recall_at_k and batchify, the CLIP-paper conve
 of its positives is in the top K): image_retrieval_recall@K (text query -> images), text_retrieval_recall@K
 (image query -> texts). Each dim slices the full-width features and re-normalises the prefix.
 """
+import time
 from pathlib import Path
 
 import torch
@@ -65,3 +66,47 @@ def retrieval_metrics(image_features, text_features, text_image_index, dims, rec
                 batchify(recall_at_k, scores.T, positives.T, batch_size, "cpu", k=k) > 0).float().mean().item()
         results[m] = metrics
     return results
+
+
+def ranked_scores(result, n_items: int) -> torch.Tensor:
+    """A [queries, items] score matrix holding a search's returned scores and -inf elsewhere, so that
+    CLIP_benchmark's recall_at_k ranks exactly the returned items."""
+    scores = torch.full((len(result.ids), n_items), float("-inf"))
+    ids = torch.from_numpy(result.ids)
+    found = ids >= 0
+    scores[torch.nonzero(found, as_tuple=True)[0], ids[found]] = torch.from_numpy(result.scores)[found]
+    return scores
+
+
+def searched_recall(search, queries, items, positives, recall_k, name, batch_size=256):
+    """recall@K (CLIP_benchmark's definition) of one side searched through an EmbeddingIndex over `items`, and
+    the search time per query in ms."""
+    from .retrieval import EmbeddingIndex
+
+    index = EmbeddingIndex(items.numpy())
+    started = time.perf_counter()
+    result = search(index, queries.numpy())
+    ms = 1000 * (time.perf_counter() - started) / len(queries)
+    scores = ranked_scores(result, len(items))
+    metrics = {f"{name}_recall@{k}": (batchify(recall_at_k, scores, positives, batch_size, "cpu", k=k) > 0)
+               .float().mean().item() for k in recall_k}
+    return metrics, ms
+
+
+def funnel_retrieval_metrics(image_features, text_features, text_image_index, stages, recall_k=(1, 5, 10)) -> dict:
+    """Retrieval recall@K and ms per query of funnel search (mrl_clip.retrieval) and of exact full-width faiss
+    search, both ways: {"funnel": {...}, "exact": {...}} with "metrics" and "ms_per_query" each."""
+    positives = torch.zeros(len(text_features), len(image_features), dtype=torch.bool)
+    positives[torch.arange(len(text_features)), text_image_index] = True
+    final_k = stages[-1].k
+    searches = {"funnel": lambda index, q: index.funnel_search(q, stages),
+                "exact": lambda index, q: index.search(q, final_k)}
+    out = {}
+    for kind, search in searches.items():
+        image_side, image_ms = searched_recall(search, text_features, image_features, positives, recall_k,
+                                               "image_retrieval")
+        text_side, text_ms = searched_recall(search, image_features, text_features, positives.T, recall_k,
+                                             "text_retrieval")
+        out[kind] = {"metrics": {**image_side, **text_side},
+                     "ms_per_query": {"image_retrieval": image_ms, "text_retrieval": text_ms}}
+    return out
