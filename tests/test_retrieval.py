@@ -1,0 +1,255 @@
+"""Exact and funnel search (mrl_clip.retrieval) against float64 numpy brute force; the embed -> search CLI round
+trip; `eval retrieval --funnel` against the exact evaluation; one-line errors for bad funnel specs."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from mrl_clip.errors import UserError
+from mrl_clip.retrieval import EmbeddingIndex, parse_funnel
+from pipelines import fashion_mnist
+from tests.conftest import TINY, run_module
+
+WIDTH = 96
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Gaussian rows whose first dims carry more variance."""
+    rng = np.random.default_rng(0)
+    scale = np.linspace(3.0, 0.5, WIDTH)
+    database = (rng.standard_normal((3000, WIDTH)) * scale).astype(np.float32)
+    queries = (rng.standard_normal((25, WIDTH)) * scale).astype(np.float32)
+    return database, queries
+
+
+def cosine64(database, queries, dim):
+    """float64 cosine similarity of re-normalised dim-prefixes: [queries, rows]."""
+    x = database[:, :dim].astype(np.float64)
+    q = queries[:, :dim].astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q @ x.T
+
+
+def brute_topk(scores, k):
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ids, np.take_along_axis(scores, ids, axis=1)
+
+
+def stored_rows(index):
+    """What the index holds, decoded: the reference searches these (float16 rounding included)."""
+    return index.vectors.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dim", [8, 32, WIDTH])
+def test_exact_search_matches_float64_brute_force(data, dtype, dim):
+    database, queries = data
+    index = EmbeddingIndex(database, dtype)
+    assert index.vectors.dtype == np.dtype(dtype) and index.vectors.shape == database.shape
+    result = index.search(queries, k=10, dim=dim)
+    ids, scores = brute_topk(cosine64(stored_rows(index), queries, dim), 10)
+    np.testing.assert_array_equal(result.ids, ids)
+    np.testing.assert_allclose(result.scores, scores, atol=2e-6)
+
+
+def test_float16_storage_halves_memory_and_keeps_the_ranking(data):
+    database, queries = data
+    full, half = EmbeddingIndex(database, "float32"), EmbeddingIndex(database, "float16")
+    assert half.vectors.nbytes * 2 == full.vectors.nbytes
+    a, b = full.search(queries, 10), half.search(queries, 10)
+    np.testing.assert_allclose(a.scores, b.scores, atol=2e-3)
+    assert np.mean(a.ids == b.ids) > 0.95
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("funnel", [f"{WIDTH}:10", f"{WIDTH}:200,{WIDTH}:10", f"{WIDTH}:300,{WIDTH}:50,{WIDTH}:10"])
+def test_funnel_with_full_width_stage_one_is_exact_search(data, dtype, funnel):
+    database, queries = data
+    index = EmbeddingIndex(database, dtype)
+    exact = index.search(queries, k=10)
+    result = index.funnel_search(queries, parse_funnel(funnel, WIDTH))
+    np.testing.assert_array_equal(result.ids, exact.ids)
+    np.testing.assert_allclose(result.scores, exact.scores, atol=1e-6)
+    assert len(result.stage_seconds) == funnel.count(",") + 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_funnel_reranks_each_shortlist_like_numpy(data, dtype):
+    """Stage 1 = float64 top-K1 at d1; each later stage = float64 top-K of the previous shortlist at its dim."""
+    database, queries = data
+    index = EmbeddingIndex(database, dtype)
+    rows = stored_rows(index)
+    stages = parse_funnel(f"8:400,24:100,48:30,{WIDTH}:10", WIDTH)
+    result = index.funnel_search(queries, stages)
+    shortlist, _ = brute_topk(cosine64(rows, queries, stages[0].dim), stages[0].k)
+    for stage in stages[1:]:
+        scores = np.take_along_axis(cosine64(rows, queries, stage.dim), shortlist, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :stage.k]
+        shortlist, final_scores = np.take_along_axis(shortlist, order, 1), np.take_along_axis(scores, order, 1)
+    np.testing.assert_array_equal(result.ids, shortlist)
+    np.testing.assert_allclose(result.scores, final_scores, atol=2e-6)
+
+
+def test_hnsw_stage_one_then_exact_rerank(data):
+    database, queries = data
+    index = EmbeddingIndex(database)
+    index.build_hnsw(16)
+    stage1 = index.search(queries, 200, dim=16, hnsw_ef=200)
+    result = index.funnel_search(queries, parse_funnel(f"16:200,{WIDTH}:10", WIDTH), hnsw_ef=200)
+    cosine = cosine64(database, queries, WIDTH)
+    for q in range(len(queries)):
+        assert set(result.ids[q]) <= set(stage1.ids[q])
+        # the final ten are the best ten of the HNSW shortlist at full width, with exact scores
+        best = sorted(stage1.ids[q], key=lambda i: -cosine[q, i])[:10]
+        assert list(result.ids[q]) == best
+        np.testing.assert_allclose(result.scores[q], cosine[q, result.ids[q]], atol=2e-6)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("64:400,32:10", "must not decrease"),
+    ("32:400,64:400", "counts must decrease"),
+    ("32:100,128:200", "counts must decrease"),
+    ("32:400,128:10", "above the embedding width 96"),
+    ("32:400,96:5", "fewer than the 10 asked for"),
+    ("32-400", "DIM:K stages"),
+    ("32:400,", "DIM:K stages"),
+    ("0:400,96:10", "must be positive"),
+])
+def test_bad_funnel_specs_are_user_errors(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_funnel(text, width=WIDTH, final_k=10)
+
+
+@pytest.mark.parametrize("funnel, message", [
+    ("256:100,32:10", "must not decrease"),
+    ("32:10,256:10", "counts must decrease"),
+    ("32:400,512:10", "above the embedding width 256"),
+    ("32:400,256:5", "fewer than the 10 asked for"),
+])
+def test_eval_retrieval_bad_funnel_is_one_line(fmnist_data, funnel, message):
+    result = run_module("mrl_clip.eval", "retrieval", "--model", TINY, "--data", fmnist_data["captions"],
+                        "--funnel", funnel, "--recall-k", "1,10", timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def unique_caption_folder(tmp_path_factory):
+    """A CLIP_benchmark retrieval folder whose captions are all distinct strings (class captions repeat, and
+    equal texts tie, leaving recall@K to each library's tie order)."""
+    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_retrieval_dataset
+    from PIL import Image
+
+    images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, "test")
+    rng = random.Random(0)
+    pairs = [(Image.fromarray(images[i]), [f"item {i} {t}".format(c=fashion_mnist.CLASSNAMES[labels[i]])
+                                          for t in rng.sample(fashion_mnist.CAPTION_TEMPLATES, 2)])
+             for i in range(120)]
+    folder = tmp_path_factory.mktemp("unique_captions")
+    convert_retrieval_dataset(pairs, "test", str(folder), transform=PIL_to_bytes("png"), image_format="png",
+                              verbose=False)
+    return folder
+
+
+def test_eval_retrieval_funnel_at_full_width_equals_exact_eval(trained_run, unique_caption_folder, tmp_path):
+    out = tmp_path / "retrieval.json"
+    result = run_module("mrl_clip.eval", "retrieval", "--model", f"local-dir:{trained_run['export']}",
+                        "--data", unique_caption_folder, "--dims", "32,256", "--funnel", "256:60,256:10",
+                        "--recall-k", "1,5,10", "--output", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entry = json.loads(out.read_text())["models"]["export"]
+    dense = entry["metrics"]["256"]   # CLIP_benchmark's recall_at_k on the full score matrix
+    assert entry["funnel"]["stages"] == "256:60,256:10"
+    for kind in ("funnel", "exact"):
+        assert entry["funnel"][kind]["metrics"] == pytest.approx(dense, abs=1e-9)
+        assert all(ms > 0 for ms in entry["funnel"][kind]["ms_per_query"].values())
+    assert "funnel 256:60,256:10" in result.stdout and "ms/query" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+
+    images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, "test")
+    folder = tmp_path_factory.mktemp("my_photos")
+    for i in range(40):
+        Image.fromarray(images[i]).save(folder / f"{i:03d}_{fashion_mnist.CLASSNAMES[labels[i]]}.png")
+    return folder
+
+
+def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
+    """Images embedded by the CLI, text queries searched by the CLI == float64 brute force over the file with the
+    query encoded here by open_clip itself."""
+    import open_clip
+    import torch
+
+    export = f"local-dir:{trained_run['export']}"
+    index_file, texts_file = tmp_path / "photos.npz", tmp_path / "queries.npz"
+    result = run_module("mrl_clip.embed", "--model", export, "--images", image_folder, "--output", index_file,
+                        "--dtype", "float16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    captions = tmp_path / "captions.txt"
+    queries = ["a photo of a sandal.", "a photo of a trouser.", "a bag."]
+    captions.write_text("\n".join(queries) + "\n")
+    assert run_module("mrl_clip.embed", "--model", export, "--texts", captions, "--output", texts_file).returncode == 0
+
+    with np.load(index_file) as stored:
+        embeddings, items = stored["embeddings"], list(stored["items"])
+        meta = json.loads(str(stored["meta"]))
+    assert embeddings.dtype == np.float16 and embeddings.shape == (40, 256)
+    assert items == sorted(str(p) for p in image_folder.glob("*.png")) and meta["kind"] == "images"
+
+    model, _, _ = open_clip.create_model_and_transforms(export)
+    model.eval()
+    with torch.no_grad():
+        text = model.encode_text(open_clip.get_tokenizer(export)(queries)).numpy()
+    for dim in (16, 256):
+        hits = tmp_path / f"hits{dim}.json"
+        result = run_module("mrl_clip.search", "--index", index_file, "--text", queries[0], "--text", queries[1],
+                            "--text", queries[2], "--dim", dim, "--k", 5, "--output", hits)
+        assert result.returncode == 0, result.stderr[-3000:]
+        found = json.loads(hits.read_text())["queries"]
+        ids, scores = brute_topk(cosine64(embeddings.astype(np.float32), text, dim), 5)
+        assert [[h["id"] for h in q["results"]] for q in found] == ids.tolist()
+        np.testing.assert_allclose([[h["score"] for h in q["results"]] for q in found], scores, atol=1e-4)
+        assert [q["query"] for q in found] == queries
+        assert found[0]["results"][0]["item"] == items[ids[0, 0]]
+
+    # the queries file through a full-width funnel gives the exact search's results
+    outputs = {}
+    for how in (["--dim", "256", "--k", "5"], ["--funnel", "256:20,256:5"]):
+        path = tmp_path / f"hits_{how[0][2:]}.json"
+        result = run_module("mrl_clip.search", "--index", index_file, "--queries", texts_file, *how, "--output", path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[how[0]] = [[h["id"] for h in q["results"]] for q in json.loads(path.read_text())["queries"]]
+    assert outputs["--dim"] == outputs["--funnel"]
+
+    # an image finds itself first
+    query_image = sorted(image_folder.glob("*.png"))[7]
+    result = run_module("mrl_clip.search", "--index", index_file, "--image", query_image, "--k", 3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = result.stdout.splitlines()[1].split()
+    assert first[0] == "1" and first[2] == str(query_image) and float(first[1]) > 0.999
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "x", "--dim", "300"], "outside 1..256"),
+    (["--text", "x", "--funnel", "32:10,256:20"], "counts must decrease"),
+    (["--image", "/nonexistent.png"], "not found"),
+    ([], "give at least one query"),
+])
+def test_search_errors_are_one_line(trained_run, image_folder, tmp_path, args, message):
+    index_file = tmp_path / "photos.npz"
+    from mrl_clip.embed import save_embeddings
+    import torch
+
+    save_embeddings(index_file, torch.randn(5, 256), [f"item{i}" for i in range(5)],
+                    {"model": f"local-dir:{trained_run['export']}", "kind": "texts"})
+    result = run_module("mrl_clip.search", "--index", index_file, *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
