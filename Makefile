@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data-deps demo test test-fast bench clean-demo cluster cluster-stop
+.PHONY: setup data-deps demo test test-fast bench bench-quick clean-demo cluster cluster-stop
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ cluster:
 
 cluster-stop:
 	slurm/local_cluster.sh stop
+
+# Each benchmark prints a table and writes benchmarks/results/<name>.json (machine and load included). The first
+# run trains the funnel benchmark's model and embeds 1M images (cached under runs/bench/); later runs only search.
+BENCHES := loss_overhead eval_dims loader funnel
+
+bench: setup
+	for b in $(BENCHES); do $(PY) benchmarks/$$b.py || exit 1; done
+
+# Small sizes that only check the scripts run; results go to runs/bench/quick/, not benchmarks/results/.
+bench-quick: setup
+	for b in $(BENCHES); do $(PY) benchmarks/$$b.py --quick || exit 1; done
 
 clean-demo:
 	rm -rf runs/demo

@@ -1,14 +1,12 @@
 """Cost of the Matryoshka loss in a whole training step, against open_clip's ClipLoss at full width.
 
-    python benchmarks/loss_overhead.py [--model MRL-Tiny-28] [--batch-size 128] [--repeats 40] [--device cpu]
+    python benchmarks/loss_overhead.py [--quick] [--model MRL-Tiny-28] [--batch-size 128] [--repeats 40] [--device cpu]
 
 Same model, batch, optimizer and threads; the two steps are interleaved (A B A B ...) so drift in machine load hits
 both alike; the result is the median of the per-pair time ratios. Prints a table and writes
 benchmarks/results/loss_overhead[_<device>].json.
 """
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -19,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_result  # noqa: E402
 from mrl_clip import models  # noqa: E402
 from mrl_clip.loss import MatryoshkaClipLoss  # noqa: E402
 from mrl_clip.report import default_dims  # noqa: E402
@@ -39,21 +38,12 @@ class OpenClipLoss(torch.nn.Module):
         return loss, {self.width: loss.detach()}
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    else:
-        info["cpu_count"] = __import__("os").cpu_count()
-    return info
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="MRL-Tiny-28")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--quick", action="store_true", help="3 pairs: checks the script runs")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved pairs (default 40)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="amp_bf16" if torch.cuda.is_available() else "fp32")
@@ -61,6 +51,9 @@ def main():
     p.add_argument("--compile-loss", action="store_true", help="torch.compile both losses")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 40)
+    if args.quick:
+        args.warmup = 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -105,9 +98,8 @@ def main():
     for name, t in times.items():
         print(f"  {name:<24} median step {1000 * statistics.median(t):8.1f} ms")
     print(f"  ratio (Matryoshka / open_clip), median of pairs: {result['median_ratio']:.3f}  (goal <= 1.03)")
-    out = Path(args.out or Path(__file__).parent / "results" / f"loss_overhead_{args.device.split(':')[0]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    name = f"loss_overhead_{args.device.split(':')[0]}" + ("_compiled" if args.compile_loss else "")
+    write_result(name, result, args.quick, path=args.out)
 
 
 if __name__ == "__main__":
