@@ -2,7 +2,7 @@
 
     python benchmarks/eval_dims.py [--quick] [--images 2000] [--repeats 5] [--threads 2]
 
-MRL-Tiny-28-768 (768-d, so the default dims are the eight 8, 16, ..., 768) through `mrl_clip.eval`'s
+MRL-Tiny-28-P7-768 (768-d, so the default dims are the eight 8, 16, ..., 768) through `mrl_clip.eval`'s
 run_zeroshot — model creation, reading the CLIP_benchmark folder, encoding images and prompts, the metrics — with
 all eight dims and with the full width only, interleaved; the result is the median of per-round time ratios.
 Weights are untrained (timing does not depend on them). Writes benchmarks/results/eval_dims.json.
@@ -19,7 +19,7 @@ from mrl_clip.models import embed_width
 from mrl_clip.report import default_dims, render_table
 from pipelines import fashion_mnist
 
-MODEL = "MRL-Tiny-28-768"
+MODEL = "MRL-Tiny-28-P7-768"
 
 
 def main():

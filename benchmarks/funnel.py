@@ -2,8 +2,9 @@
 
     python benchmarks/funnel.py [--quick] [--database 1000000] [--queries 1000] [--repeats 3] [--threads 2]
 
-The database: MRL-Tiny-28-768 (the demo's towers, a 768-wide embedding) trained briefly with the Matryoshka loss
-over 8..768 on the Fashion-MNIST shards, then run over the 60,000 training images and random augmentations of
+The database: MRL-Tiny-28-P7-768 (the demo's towers with 7-px patches, 16 tokens instead of 49, so that 1M images
+embed in minutes on 2 cores; a 768-wide embedding) trained briefly with the Matryoshka loss over 8..768 on the
+Fashion-MNIST shards, then run over the 60,000 training images and random augmentations of
 them (rotation, scale, shift, flip, contrast; view 0 is the image itself) up to --database rows. Queries: the
 first --queries test images. Labels are the source images' classes. Model, embeddings and HNSW graphs are cached
 under runs/bench/ (never committed), so reruns only search.
@@ -37,7 +38,7 @@ from mrl_clip.report import render_table  # noqa: E402
 from mrl_clip.retrieval import EmbeddingIndex, format_funnel, parse_funnel  # noqa: E402
 from pipelines import fashion_mnist  # noqa: E402
 
-MODEL = "MRL-Tiny-28-768"
+MODEL = "MRL-Tiny-28-P7-768"
 DIMS = [8, 16, 32, 64, 128, 256, 512, 768]
 # (label, stage-1 kind, funnel); "exact" rows are single-stage flat searches
 CONFIGS = [
@@ -57,8 +58,8 @@ CONFIGS = [
 
 
 def train_model(work, steps, quick) -> str:
-    """A briefly trained MRL-Tiny-28-768 (cached): returns its local-dir: name."""
-    run_dir = work / "funnel-mrl768"
+    """A briefly trained MODEL (cached): returns its local-dir: name."""
+    run_dir = work / f"{MODEL}-{steps}steps"
     if (run_dir / "export" / "open_clip_config.json").is_file():
         return f"local-dir:{run_dir / 'export'}"
     data = work / "data"
@@ -183,9 +184,9 @@ def main():
     if args.quick:
         train_images, train_labels = train_images[:2048], train_labels[:2048]
     check_transform(preprocess, train_images)
-    database = cached_embeddings(work / f"database_{rows}.npy", lambda: embed(
+    database = cached_embeddings(work / f"database_{MODEL}_{steps}steps_{rows}.npy", lambda: embed(
         model, preprocess, train_images, rows, seed=0, desc="embedding database"))
-    queries = cached_embeddings(work / f"queries_{n_queries}.npy", lambda: embed(
+    queries = cached_embeddings(work / f"queries_{MODEL}_{steps}steps_{n_queries}.npy", lambda: embed(
         model, preprocess, test_images[:n_queries], n_queries, seed=1, desc="embedding queries"))
     db_labels = train_labels.numpy()[np.arange(rows) % len(train_images)]
     query_labels = test_labels.numpy()[:n_queries]
@@ -197,7 +198,7 @@ def main():
     hnsw_dims = sorted({parse_funnel(f)[0].dim for _, kind, f in CONFIGS if kind == "hnsw"})
     hnsw_build_s = {}
     for dim in hnsw_dims:
-        path = work / f"hnsw{args.hnsw_neighbours}_dim{dim}_{rows}.faissindex"
+        path = work / f"hnsw{args.hnsw_neighbours}_dim{dim}_{MODEL}_{steps}steps_{rows}.faissindex"
         if path.is_file():
             index.use_hnsw(dim, faiss.read_index(str(path)))
         else:
