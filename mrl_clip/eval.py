@@ -261,9 +261,6 @@ def main(argv=None):
             results[label] = run_retrieval(name, ckpt, args.data, requested, args.split, args.device,
                                            args.batch_size, recall_k, args.funnel)
         metric_names = [f"{side}_retrieval_recall@{k}" for k in recall_k for side in ("image", "text")]
-        for label, result in results.items():
-            if "funnel" in result:
-                print(format_funnel_table(label, result["funnel"], metric_names) + "\n")
     elif args.task == "linear-probe":
         kinds = [k.strip() for k in args.probes.split(",") if k.strip()]
         unknown = [k for k in kinds if k not in PROBE_KINDS]
@@ -284,6 +281,9 @@ def main(argv=None):
         return 0
 
     print(format_table(results, metric_names))
+    for label, result in results.items():
+        if "funnel" in result:
+            print("\n" + format_funnel_table(label, result["funnel"], metric_names))
     if args.output:
         report = {"task": args.task, "data": args.data, "split": args.split, "models": results}
         if len(entries) == 1 and args.task in ("zeroshot", "retrieval"):
