@@ -31,7 +31,7 @@ def machine(threads=None) -> dict:
     info = {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1),
             "python": platform.python_version(), "torch": torch.__version__,
-            "threads": threads or torch.get_num_threads(), "loadavg_1_5_15": list(os.getloadavg())}
+            "threads": threads or torch.get_num_threads(), "loadavg_at_start": list(os.getloadavg())}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -41,6 +41,19 @@ def machine(threads=None) -> dict:
     except ImportError:
         pass
     return info
+
+
+def fmnist_shards(quick: bool) -> tuple:
+    """(brace pattern, sample count) of Fashion-MNIST caption shards under runs/bench/, built once: all 60,000
+    training images in 10 shards, or 2,048 in 4 for --quick."""
+    from pipelines import fashion_mnist
+
+    folder = CACHE / ("fmnist_shards_quick" if quick else "fmnist_shards")
+    if not (folder / "sizes.json").is_file():
+        fashion_mnist.build_train_shards(fashion_mnist.DEBIAN_DIR, folder, shard_size=512 if quick else 6000,
+                                         limit=2048 if quick else None)
+    count = len(list(folder.glob("train-*.tar")))
+    return str(folder / f"train-{{0000..{count - 1:04d}}}.tar"), (2048 if quick else 60000)
 
 
 def result_path(name: str, quick: bool) -> Path:
