@@ -121,7 +121,12 @@ def cached_embeddings(path, compute) -> np.ndarray:
     if path.is_file():
         return np.load(path, mmap_mode="r")
     value = compute()
-    atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), value))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npy" to the temporary name
+            np.save(f, value)
+
+    atomic_write(path, write)
     return value
 
 

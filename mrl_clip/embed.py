@@ -88,8 +88,12 @@ def embed_texts(model, tokenizer, texts, device="cpu", batch_size=256) -> torch.
 def save_embeddings(path, embeddings: torch.Tensor, items: list, meta: dict, dtype="float32") -> None:
     vectors = F.normalize(embeddings.float(), dim=-1).numpy().astype(dtype)
     meta = {**meta, "count": len(items), "width": vectors.shape[1], "dtype": dtype, "normalised": "full width"}
-    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), embeddings=vectors, items=np.array(items, dtype=str),
-                                            meta=np.array(json.dumps(meta))))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz" to the temporary name
+            np.savez(f, embeddings=vectors, items=np.array(items, dtype=str), meta=np.array(json.dumps(meta)))
+
+    atomic_write(path, write)
 
 
 def load_embeddings(path) -> tuple:
