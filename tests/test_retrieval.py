@@ -129,12 +129,20 @@ def test_bad_funnel_specs_are_user_errors(text, message):
     ("32:400,512:10", "above the embedding width 256"),
     ("32:400,256:5", "fewer than the 10 asked for"),
 ])
-def test_eval_retrieval_bad_funnel_is_one_line(fmnist_data, funnel, message):
+def test_eval_retrieval_bad_funnel_is_a_user_error(fmnist_data, funnel, message):
+    from mrl_clip import eval as mrl_eval
+
+    with pytest.raises(UserError, match=message):
+        mrl_eval.main(["retrieval", "--model", TINY, "--data", str(fmnist_data["captions"]), "--funnel", funnel,
+                       "--recall-k", "1,10"])
+
+
+def test_eval_retrieval_bad_funnel_is_one_line(fmnist_data):
     result = run_module("mrl_clip.eval", "retrieval", "--model", TINY, "--data", fmnist_data["captions"],
-                        "--funnel", funnel, "--recall-k", "1,10", timeout=120)
+                        "--funnel", "256:100,32:10", timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "must not decrease" in lines[0], result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -236,20 +244,34 @@ def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
     assert first[0] == "1" and first[2] == str(query_image) and float(first[1]) > 0.999
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--text", "x", "--dim", "300"], "outside 1..256"),
-    (["--text", "x", "--funnel", "32:10,256:20"], "counts must decrease"),
-    (["--image", "/nonexistent.png"], "not found"),
-    ([], "give at least one query"),
-])
-def test_search_errors_are_one_line(trained_run, image_folder, tmp_path, args, message):
-    index_file = tmp_path / "photos.npz"
+@pytest.fixture
+def small_index(trained_run, tmp_path):
     from mrl_clip.embed import save_embeddings
     import torch
 
+    index_file = tmp_path / "five.npz"
     save_embeddings(index_file, torch.randn(5, 256), [f"item{i}" for i in range(5)],
                     {"model": f"local-dir:{trained_run['export']}", "kind": "texts"})
-    result = run_module("mrl_clip.search", "--index", index_file, *args, timeout=120)
+    return index_file
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "x", "--dim", "300"], "outside 1..256"),
+    (["--text", "x", "--funnel", "32:10,256:20"], "counts must decrease"),
+    (["--text", "x", "--funnel", "32:10,256:5", "--k", "8"], "fewer than the 8 asked for"),
+    (["--image", "/nonexistent.png"], "not found"),
+    ([], "give at least one query"),
+])
+def test_search_errors_are_user_errors(small_index, args, message):
+    from mrl_clip import search
+
+    with pytest.raises(UserError, match=message):
+        search.main(["--index", str(small_index), *args])
+
+
+def test_search_error_is_one_line(small_index):
+    result = run_module("mrl_clip.search", "--index", small_index, "--text", "x", "--dim", "300", timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0] == "error: --dim 300 is outside 1..256 (the width of " \
+        f"{small_index})", result.stderr
