@@ -51,6 +51,7 @@ def resolve_shards(urls: str, allow_missing: bool = False) -> list[str]:
         shards, _ = expand_urls(urls)
     except Exception as err:  # braceexpand raises on malformed patterns
         raise UserError(f"cannot expand shard pattern {urls!r}: {err}") from None
+    shards = [s for s in shards if s.strip()]
     if not shards:
         raise UserError(f"shard pattern {urls!r} names no shards")
     missing = missing_shards(shards)
