@@ -237,6 +237,7 @@ class StreamPosition:
     bad: dict = field(default_factory=dict)           # worker -> bad samples and shard errors this epoch
     read_before: int = 0                              # samples read in earlier epochs
     bad_before: int = 0
+    workers: int = 1                                  # the loader's worker count the positions belong to
 
     def start_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -260,12 +261,13 @@ class StreamPosition:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches, "read_before": self.read_before,
-                "bad_before": self.bad_before, "consumed": dict(self.consumed), "bad": dict(self.bad)}
+                "bad_before": self.bad_before, "workers": self.workers, "consumed": dict(self.consumed),
+                "bad": dict(self.bad)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "StreamPosition":
         return cls(epoch=int(state["epoch"]), batches=int(state["batches"]), read_before=int(state["read_before"]),
-                   bad_before=int(state["bad_before"]),
+                   bad_before=int(state["bad_before"]), workers=int(state["workers"]),
                    consumed={int(w): int(n) for w, n in state["consumed"].items()},
                    bad={int(w): int(n) for w, n in state["bad"].items()})
 
@@ -279,12 +281,13 @@ def gather_positions(position: StreamPosition, distributed: bool, world_size: in
     return positions
 
 
-def position_for_rank(checkpoint: dict, rank: int, world_size: int) -> StreamPosition:
-    """This rank's stream position from a checkpoint; a fresh one when the checkpoint has none for this world
-    size (older checkpoints, or a resume on another number of ranks: the stream then skips by batch count)."""
+def position_for_rank(checkpoint: dict, rank: int, world_size: int, workers: int) -> StreamPosition:
+    """This rank's stream position from a checkpoint; a fresh one when the checkpoint has none for this number
+    of ranks and workers (older checkpoints, or a resume on another layout: the stream then skips by batch
+    count, which takes the right number of batches but not the same samples)."""
     positions = checkpoint.get("data")
-    if not positions or len(positions) != world_size:
-        return StreamPosition()
+    if not positions or len(positions) != world_size or positions[rank].get("workers") != max(1, workers):
+        return StreamPosition(workers=max(1, workers))
     return StreamPosition.from_state_dict(positions[rank])
 
 

@@ -272,7 +272,7 @@ def main(argv=None):
         else:
             random_seed(args.seed, args.rank)
     # the data stream's position, bad-sample and skipped-step counts (RUN_STATE_KEYS in the checkpoint)
-    position = position_for_rank(run_state, args.rank, args.world_size)
+    position = position_for_rank(run_state, args.rank, args.world_size, args.workers)
     nonfinite = NonFiniteSteps(args.max_nonfinite_steps)
     if run_state.get("nonfinite"):
         nonfinite.load_state_dict(run_state["nonfinite"])
