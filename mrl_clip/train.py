@@ -32,8 +32,8 @@ from tqdm import tqdm
 from . import ds_engine, models
 from .checkpoint import atomic_torch_save, export_local_dir, load_checkpoint_file, newest_loadable_checkpoint, \
     prune_checkpoints, remove_partial_files
-from .data import StreamPosition, batches_per_epoch, check_shards, count_samples, gather_positions, \
-    make_train_stream, position_for_rank, resolve_shards
+from .data import batches_per_epoch, check_shards, count_samples, gather_positions, make_train_stream, \
+    position_for_rank, resolve_shards
 from .dims import check_dims, check_weights, parse_float_list, parse_int_list
 from .errors import ArgumentParser, TrainingHalted, UserError, run_cli
 from .guards import BAD_FRACTION_MIN_SAMPLES, NonFiniteSteps, check_bad_fraction, log_bad_samples

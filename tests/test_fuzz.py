@@ -9,7 +9,6 @@ from pathlib import Path
 
 import open_clip
 import pytest
-import torch
 import webdataset as wds
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st

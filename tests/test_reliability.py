@@ -10,12 +10,10 @@ import sys
 import time
 
 import open_clip
-import pytest
 import torch
 from PIL import Image
 
-from mrl_clip.checkpoint import latest_checkpoint, load_checkpoint_file, newest_loadable_checkpoint, \
-    remove_partial_files, step_checkpoints
+from mrl_clip.checkpoint import latest_checkpoint, load_checkpoint_file, newest_loadable_checkpoint, step_checkpoints
 from mrl_clip.probe import cache_path, cached_features
 from pipelines.shards import png_bytes, write_shards
 
