@@ -33,10 +33,12 @@ def pickled_payload(tmp):
 
 
 def narrower_tiny_checkpoint(tmp):
-    """A trainer-format checkpoint of the tiny architecture with a 64-wide embedding instead of 256."""
+    """A trainer-format checkpoint (weights and optimizer) of the tiny architecture with a 64-wide embedding."""
     import open_clip
     path = tmp / "tiny64.pt"
-    torch.save({"step": 1, "state_dict": open_clip.create_model(TINY, embed_dim=64).state_dict()}, path)
+    model = open_clip.create_model(TINY, embed_dim=64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({"step": 1, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
     return str(path)
 
 

@@ -35,11 +35,17 @@ def start_module(*args):
 
 def kill_at_step(proc, log_path, step, timeout=300):
     """SIGKILL the trainer as soon as log.jsonl shows `step` done (it may have gone a step or two further)."""
+    def steps_done():
+        done = 0
+        for line in log_path.read_text().splitlines() if log_path.is_file() else []:
+            try:
+                done = max(done, json.loads(line).get("step", 0))
+            except json.JSONDecodeError:  # a line being written
+                pass
+        return done
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log_path.is_file() and any(json.loads(line).get("step", 0) >= step
-                                      for line in log_path.read_text().splitlines() if line.endswith("}")):
-            break
+    while time.monotonic() < deadline and proc.poll() is None and steps_done() < step:
         time.sleep(0.02)
     assert proc.poll() is None, f"the trainer ended before step {step}: {proc.stderr.read()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
