@@ -1,6 +1,8 @@
 """Checkpoints in open_clip's format, written atomically, and `local-dir:` exports plain open_clip loads."""
 import os
+import pickle
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -12,9 +14,13 @@ from .errors import UserError
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
+PARTIAL_FILE = re.compile(r"^\..+\.tmp$")
+
+
 def atomic_write(path, write) -> Path:
     """`write(tmp_path)` writes a temporary file in the same folder; it is flushed to disk, then renamed over
-    `path`, so readers see the old file or the whole new one, never a part."""
+    `path`, so readers see the old file or the whole new one, never a part. A process killed mid-write leaves
+    only a hidden .NAME.*.tmp file, which no reader picks (remove_partial_files clears them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,11 +30,29 @@ def atomic_write(path, write) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)  # the rename itself survives a crash
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes that were killed (call it where one process writes the folder)."""
+    folder = Path(folder)
+    partial = [folder / n for n in os.listdir(folder) if PARTIAL_FILE.match(n)] if folder.is_dir() else []
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -48,11 +72,28 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def newest_loadable_checkpoint(folder: Path) -> Optional[Path]:
+    """The newest step checkpoint that loads; a newer one that does not (a disk fault: atomic saves never leave
+    one) is passed over with a warning naming it."""
+    for _, path in reversed(step_checkpoints(folder)):
+        try:
+            load_checkpoint_file(path)
+            return path
+        except UserError as err:
+            print(f"warning: passing over {path}: {err}", file=sys.stderr)
+    return None
+
+
 def prune_checkpoints(folder: Path, keep: int) -> None:
     if keep <= 0:
         return
     for _, path in step_checkpoints(folder)[:-keep]:
         path.unlink(missing_ok=True)
+
+
+def refused_pickle(path) -> str:
+    return (f"refused to load {path}: it holds pickled objects other than tensors and plain containers, which "
+            "could run code (loads use torch.load(weights_only=True))")
 
 
 def load_checkpoint_file(path: Path) -> dict:
@@ -62,6 +103,8 @@ def load_checkpoint_file(path: Path) -> dict:
         raise UserError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(refused_pickle(path)) from None
     except Exception as err:
         raise UserError(f"cannot load checkpoint {path}: {str(err).splitlines()[0][:200]}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

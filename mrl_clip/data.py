@@ -1,17 +1,26 @@
 """WebDataset training stream built from open_clip_train's pieces.
 
 What we add to open_clip_train.data.get_wds_dataset, and why:
-- undecodable samples are skipped *and counted*: each batch carries its worker's running count of bad samples,
-  so the trainer can report (and later bound) them; open_clip only logs them;
+- bad data (a truncated or missing shard, an undecodable image, a missing or empty caption) is skipped *and
+  counted*: each batch carries its worker's running count and the new bad samples' shard:key names, so the trainer
+  can log them and bound them (--max-bad-fraction); open_clip only logs them;
 - open_clip_train's tarfile_to_samples_nothrow breaks on webdataset 1.0.2 (KeyError 'fname': wds now yields an
   empty end-of-shard marker that open_clip's group_by_keys_nothrow does not expect); ours turns the marker off;
 - the sample shuffle is seeded (detshuffle2 instead of wds.shuffle), so an epoch's stream is a function of
-  (seed, epoch, rank, worker) and a resumed run can skip the samples it already used before decoding them.
+  (seed, epoch, rank, worker), and each batch carries how many samples its worker has read: the trainer keeps that
+  position in its checkpoint and a resumed stream skips exactly those samples, before decoding;
+- random augmentations are seeded per sample from (seed, epoch, shard, key), so a resumed run draws the same crops;
+- a resume after a number of batches that is not a multiple of the workers rotates the workers' roles, so the
+  loader's round-robin continues with the worker that was next.
 """
 import functools
+import hashlib
 import math
 import os
-from dataclasses import dataclass
+import random
+import sys
+from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable, Optional
 
 import torch
@@ -20,10 +29,10 @@ from open_clip_train.data import (
     ResampledShards2,
     detshuffle2,
     expand_urls,
-    filter_no_caption_or_no_image,
     get_dataset_size,
     group_by_keys_nothrow,
 )
+from webdataset.autodecode import imagehandler
 from webdataset.tariterators import tar_file_expander, url_opener
 from torch.utils.data import get_worker_info
 
@@ -32,26 +41,54 @@ from .errors import UserError
 SHARD_SHUFFLE_BUFFER = 2000
 SAMPLE_SHUFFLE_BUFFER = 2000
 SAMPLE_SHUFFLE_INITIAL = 500
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 
 
-def resolve_shards(urls: str) -> list[str]:
-    """Brace-expand `urls` ('a-{0000..0099}.tar', '::' joins lists) and check local shards exist."""
+def resolve_shards(urls: str, allow_missing: bool = False) -> list[str]:
+    """Brace-expand `urls` ('a-{0000..0099}.tar', '::' joins lists) and check local shards exist (unless
+    `allow_missing`: the trainer has already decided how many missing shards it tolerates)."""
     try:
         shards, _ = expand_urls(urls)
     except Exception as err:  # braceexpand raises on malformed patterns
         raise UserError(f"cannot expand shard pattern {urls!r}: {err}") from None
+    shards = [s for s in shards if s.strip()]
     if not shards:
         raise UserError(f"shard pattern {urls!r} names no shards")
-    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
-    if missing:
+    missing = missing_shards(shards)
+    if missing and not allow_missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"missing shard {missing[0]}{more}")
     return shards
 
 
+def missing_shards(shards: list[str]) -> list[str]:
+    return [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
+
+
+def check_shards(urls: str, max_missing_fraction: float) -> list[str]:
+    """The shards of `urls`. Missing ones are tolerated, with a warning, up to `max_missing_fraction` of them
+    (training skips and counts them like bad samples); all missing, or more than that, is an error."""
+    shards = resolve_shards(urls, allow_missing=True)
+    missing = missing_shards(shards)
+    if missing and (len(missing) == len(shards) or len(missing) > max_missing_fraction * len(shards)):
+        more = f" (and {len(missing) - 1} more of {len(shards)})" if len(missing) > 1 else ""
+        raise UserError(f"missing shard {missing[0]}{more}")
+    if missing:
+        print(f"warning: {len(missing)} of {len(shards)} shards missing, they will be skipped: "
+              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}", file=sys.stderr)
+    return shards
+
+
 def count_samples(urls: str) -> Optional[int]:
     """Dataset size from sizes.json / __len__ beside the shards (open_clip's convention), or None."""
-    num_samples, _ = get_dataset_size(urls)
+    try:
+        num_samples, _ = get_dataset_size(urls)
+    except KeyError as err:
+        raise UserError(f"sizes.json beside the shards has no entry for {err.args[0]}: fix it or pass "
+                        "--train-num-samples") from None
+    except (ValueError, SyntaxError) as err:  # not JSON / not a literal / not a number
+        raise UserError(f"cannot read the dataset size beside the shards (sizes.json or __len__): {err}; "
+                        "fix it or pass --train-num-samples") from None
     return num_samples or None
 
 
@@ -61,42 +98,126 @@ def tarfile_to_samples_nothrow(src, handler):
     return group_by_keys_nothrow(files, handler=handler)
 
 
-class BadSampleCounter:
-    """Webdataset error handler that skips the sample and counts it (one counter per worker process)."""
+def logical_worker(offset: int) -> tuple[int, int]:
+    """(worker, workers) as the stream sees them: the loader's worker `id` plays worker (id + offset) % workers."""
+    info = get_worker_info()
+    if info is None:
+        return 0, 1
+    return (info.id + offset) % info.num_workers, info.num_workers
 
-    def __init__(self):
-        self.count = 0
-        self.last_error = ""
 
-    def __call__(self, exn):
-        self.count += 1
-        self.last_error = repr(exn)[:200]
+class WorkerTracker:
+    """One worker's view of its stream, and the webdataset error handler: it skips the samples read before a
+    resume (`consumed`), counts samples read since, and counts and names bad ones. Pickled into each loader
+    worker, it holds every worker's resume values and picks its own on first use."""
+
+    def __init__(self, offset: int = 0, consumed: Optional[dict] = None, bad: Optional[dict] = None):
+        self.offset, self.resume_consumed, self.resume_bad = offset, consumed or {}, bad or {}
+        self.worker = None
+
+    def _start(self):
+        if self.worker is None:
+            self.worker, _ = logical_worker(self.offset)
+            self.to_skip = self.consumed = int(self.resume_consumed.get(self.worker, 0))
+            self.bad = int(self.resume_bad.get(self.worker, 0))
+            self.unreported: list[tuple[int, str]] = []  # (bad count after it, shard:key: what was wrong)
+
+    def __call__(self, exn) -> bool:
+        self._start()
+        # while skipping, errors are those of samples read before the resume: already in its bad count
+        if self.to_skip == 0:
+            self.record(f"{type(exn).__name__}: {' '.join(map(str, exn.args))}")
         return True
 
+    def record(self, message: str) -> None:
+        self.bad += 1
+        self.unreported.append((self.bad, message[:300]))
 
-def _skip_first(src, counts: dict):
-    """Drop the first counts[worker] samples of this worker's stream, once (the pipeline may repeat)."""
-    info = get_worker_info()
-    worker = info.id if info is not None else 0
-    n = counts.get(worker, 0)
-    counts[worker] = 0
+    def mark(self) -> torch.Tensor:
+        """Position and bad count as of a sample handed on: a batch reports its last sample's (the batcher
+        reads one sample ahead, which belongs to the next batch)."""
+        return torch.tensor([self.consumed, self.bad])
+
+    def skip_and_count(self, src):
+        for sample in src:
+            self._start()
+            if self.to_skip > 0:
+                self.to_skip -= 1
+                continue
+            self.consumed += 1
+            yield sample
+
+    def report(self, mark: torch.Tensor) -> dict:
+        """What a batch carries: this worker's position and bad count after its last sample, and the bad samples
+        met since the previous batch."""
+        consumed, bad = int(mark[0]), int(mark[1])
+        new_bad = [message for count, message in self.unreported if count <= bad]
+        self.unreported = [(count, message) for count, message in self.unreported if count > bad]
+        return {"worker": self.worker, "consumed": consumed, "bad": bad, "new_bad": new_bad}
+
+
+def sample_seed(seed: int, epoch: int, url: str, key: str) -> int:
+    text = f"{seed}:{epoch}:{os.path.basename(str(url))}:{key}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def call_seeded(fn, x, seed: int):
+    """fn(x) with torch's CPU and Python's global RNGs seeded to `seed`, both restored afterwards (what
+    torch.random.fork_rng does, without torch.manual_seed's per-call cost of visiting every device type)."""
+    generator = torch.default_generator
+    torch_state, python_state = generator.get_state(), random.getstate()
+    generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        return fn(x)
+    finally:
+        generator.set_state(torch_state)
+        random.setstate(python_state)
+
+
+def decode_samples(src, tracker: WorkerTracker, preprocess: Callable, tokenizer: Callable, seed: int, epoch: int):
+    """(image tensor, tokens) for each good sample; a bad one is counted and named shard:key."""
+    decode_image = imagehandler("pilrgb")
     for sample in src:
-        if n > 0:
-            n -= 1
+        where = f"{os.path.basename(str(sample.get('__url__', '?')))}:{sample.get('__key__')}"
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None or "txt" not in sample:
+            tracker.record(f"{where}: no {'image' if image_key is None else 'caption'}")
             continue
-        yield sample
+        try:
+            text = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            tracker.record(f"{where}: caption is not UTF-8")
+            continue
+        if not text.strip():
+            tracker.record(f"{where}: empty caption")
+            continue
+        try:
+            image = decode_image(image_key, sample[image_key])
+        except Exception as err:  # PIL raises several kinds; their messages name an in-memory buffer
+            tracker.record(f"{where}: undecodable {image_key} ({type(err).__name__})")
+            continue
+        try:
+            image = call_seeded(preprocess, image, sample_seed(seed, epoch, sample.get("__url__"), sample["__key__"]))
+            tokens = tokenizer(text)[0]
+        except Exception as err:
+            tracker.record(f"{where}: {type(err).__name__}: {str(err)[:200]}")
+            continue
+        yield image, tokens, tracker.mark()
 
 
-def _with_bad_count(batch, counter: BadSampleCounter):
-    info = get_worker_info()
-    worker = info.id if info is not None else 0
-    images, texts = batch
-    return images, texts, torch.tensor([worker, counter.count])
+def _with_report(batch, tracker: WorkerTracker):
+    images, texts, marks = batch
+    return images, texts, tracker.report(marks[-1])
 
 
-def _worker_seed(seed: int, rank: int) -> int:
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+def _split_by_logical_worker(src, offset: int):
+    worker, workers = logical_worker(offset)
+    yield from islice(src, worker, None, workers)
+
+
+def _worker_seed(seed: int, rank: int, offset: int) -> int:
+    worker, workers = logical_worker(offset)
     return seed + 1000 * (rank * workers + worker)
 
 
@@ -104,6 +225,70 @@ def batches_per_worker_done(batches_done: int, workers: int) -> dict:
     """The loader takes batches from its workers round-robin: how many each worker had produced."""
     workers = max(1, workers)
     return {w: len(range(w, batches_done, workers)) for w in range(workers)}
+
+
+@dataclass
+class StreamPosition:
+    """Where one rank's training stream stands, per logical worker: what a checkpoint needs to resume it exactly,
+    and the running totals --max-bad-fraction is checked against."""
+    epoch: int = 0
+    batches: int = 0                                  # batches taken this epoch
+    consumed: dict = field(default_factory=dict)      # worker -> samples read this epoch (good and bad)
+    bad: dict = field(default_factory=dict)           # worker -> bad samples and shard errors this epoch
+    read_before: int = 0                              # samples read in earlier epochs
+    bad_before: int = 0
+    workers: int = 1                                  # the loader's worker count the positions belong to
+
+    def start_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.read_before, self.bad_before = self.samples_read, self.bad_samples
+            self.epoch, self.batches, self.consumed, self.bad = epoch, 0, {}, {}
+
+    def update(self, report: dict) -> list[str]:
+        """Take a batch's report; returns the names of the bad samples it brings."""
+        worker = int(report["worker"])
+        self.batches += 1
+        self.consumed[worker], self.bad[worker] = int(report["consumed"]), int(report["bad"])
+        return list(report["new_bad"])
+
+    @property
+    def samples_read(self) -> int:
+        return self.read_before + sum(self.consumed.values())
+
+    @property
+    def bad_samples(self) -> int:
+        return self.bad_before + sum(self.bad.values())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, "read_before": self.read_before,
+                "bad_before": self.bad_before, "workers": self.workers, "consumed": dict(self.consumed),
+                "bad": dict(self.bad)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "StreamPosition":
+        return cls(epoch=int(state["epoch"]), batches=int(state["batches"]), read_before=int(state["read_before"]),
+                   bad_before=int(state["bad_before"]), workers=int(state["workers"]),
+                   consumed={int(w): int(n) for w, n in state["consumed"].items()},
+                   bad={int(w): int(n) for w, n in state["bad"].items()})
+
+
+def gather_positions(position: StreamPosition, distributed: bool, world_size: int) -> list[dict]:
+    """Every rank's stream position (one per rank, in rank order) for the checkpoint rank 0 writes."""
+    if not distributed:
+        return [position.state_dict()]
+    positions = [None] * world_size
+    torch.distributed.all_gather_object(positions, position.state_dict())
+    return positions
+
+
+def position_for_rank(checkpoint: dict, rank: int, world_size: int, workers: int) -> StreamPosition:
+    """This rank's stream position from a checkpoint; a fresh one when the checkpoint has none for this number
+    of ranks and workers (older checkpoints, or a resume on another layout: the stream then skips by batch
+    count, which takes the right number of batches but not the same samples)."""
+    positions = checkpoint.get("data")
+    if not positions or len(positions) != world_size or positions[rank].get("workers") != max(1, workers):
+        return StreamPosition(workers=max(1, workers))
+    return StreamPosition.from_state_dict(positions[rank])
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, workers: int) -> int:
@@ -133,19 +318,26 @@ def make_train_stream(
         world_size: int = 1,
         resampled: bool = False,
         skip_batches: int = 0,
+        consumed: Optional[dict] = None,
+        bad: Optional[dict] = None,
 ) -> TrainStream:
-    """One epoch of training batches (images, tokens, [worker, bad_count]) for this rank.
+    """One epoch of training batches (images, tokens, report) for this rank; see WorkerTracker.report.
 
     Epoch mode: shards are shuffled with (seed, epoch), split across ranks then workers, samples shuffled
     with a seeded buffer. Resampled mode: each worker draws shards with replacement from its own seed.
-    `skip_batches` drops the first batches of the epoch (already trained on before a resume) without decoding.
+    Resuming: `skip_batches` batches of the epoch were taken; `consumed` and `bad` are the workers' positions and
+    bad counts after them (StreamPosition); the stream continues exactly there. Without `consumed`, each worker
+    skips its share of the batches, which is exact when no sample was bad.
     """
-    shards = resolve_shards(urls)
+    shards = resolve_shards(urls, allow_missing=True)
     workers_eff = max(1, workers)
+    offset = skip_batches % workers_eff
+    if consumed is None:
+        consumed = {w: n * batch_size for w, n in batches_per_worker_done(skip_batches, workers).items()}
     if resampled:
         pipeline = [ResampledShards2(
             urls, deterministic=True, epoch=epoch - 1,  # ResampledShards2 increments before use
-            worker_seed=functools.partial(_worker_seed, seed, rank))]
+            worker_seed=functools.partial(_worker_seed, seed, rank, offset))]
     else:
         if len(shards) < workers_eff * world_size:
             raise UserError(f"{len(shards)} shards cannot feed {workers_eff} workers x {world_size} ranks: "
@@ -154,22 +346,18 @@ def make_train_stream(
             wds.SimpleShardList(shards),
             detshuffle2(bufsize=SHARD_SHUFFLE_BUFFER, initial=SHARD_SHUFFLE_BUFFER, seed=seed, epoch=epoch - 1),
             wds.split_by_node,
-            wds.split_by_worker,
+            functools.partial(_split_by_logical_worker, offset=offset),
         ]
-    bad = BadSampleCounter()
-    per_worker_skip = {w: n * batch_size for w, n in batches_per_worker_done(skip_batches, workers).items()}
+    tracker = WorkerTracker(offset, consumed, bad)
     pipeline += [
-        functools.partial(tarfile_to_samples_nothrow, handler=bad),
+        functools.partial(tarfile_to_samples_nothrow, handler=tracker),
         detshuffle2(bufsize=SAMPLE_SHUFFLE_BUFFER, initial=SAMPLE_SHUFFLE_INITIAL, seed=seed + 7919 * rank,
                     epoch=epoch - 1),
-        wds.select(filter_no_caption_or_no_image),
-        functools.partial(_skip_first, counts=per_worker_skip),
-        wds.decode("pilrgb", handler=bad),
-        wds.rename(image="jpg;png;jpeg;webp", text="txt", handler=bad),
-        wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0], handler=bad),
-        wds.to_tuple("image", "text"),
+        tracker.skip_and_count,
+        functools.partial(decode_samples, tracker=tracker, preprocess=preprocess, tokenizer=tokenizer, seed=seed,
+                          epoch=epoch),
         wds.batched(batch_size, partial=False),
-        wds.map(functools.partial(_with_bad_count, counter=bad)),
+        wds.map(functools.partial(_with_report, tracker=tracker)),
     ]
     dataset = wds.DataPipeline(*pipeline)
 

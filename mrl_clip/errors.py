@@ -7,6 +7,12 @@ class UserError(Exception):
     """A mistake in what the user asked for (bad flag, missing file, unknown model)."""
 
 
+class TrainingHalted(UserError):
+    """A run stopped by one of its guards (too much bad data, a loss that stays non-finite): exit code 3, so a
+    scheduler can tell it from a bad command (2) and not requeue it blindly."""
+    exit_code = 3
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UserError (one line) rather than usage text plus an error."""
 
@@ -19,7 +25,7 @@ def run_cli(main, argv=None):
         return main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,12 +1,14 @@
 """Creating open_clip models by name, with user mistakes turned into one-line errors."""
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Optional
 
 import open_clip
 
 from . import MODEL_CONFIG_DIR  # noqa: F401  (registers our model configs)
+from .checkpoint import refused_pickle
 from .errors import UserError
 
 
@@ -38,6 +40,8 @@ def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", pre
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, precision=precision)
+    except pickle.UnpicklingError:  # open_clip loads with weights_only=True
+        raise UserError(refused_pickle(pretrained)) from None
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0][:300]
         if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):

@@ -30,11 +30,13 @@ from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
 from . import ds_engine, models
-from .checkpoint import atomic_torch_save, export_local_dir, latest_checkpoint, load_checkpoint_file, \
-    prune_checkpoints
-from .data import batches_per_epoch, count_samples, make_train_stream, resolve_shards
+from .checkpoint import atomic_torch_save, export_local_dir, load_checkpoint_file, newest_loadable_checkpoint, \
+    prune_checkpoints, remove_partial_files
+from .data import batches_per_epoch, check_shards, count_samples, gather_positions, make_train_stream, \
+    position_for_rank, resolve_shards
 from .dims import check_dims, check_weights, parse_float_list, parse_int_list
-from .errors import ArgumentParser, UserError, run_cli
+from .errors import ArgumentParser, TrainingHalted, UserError, run_cli
+from .guards import BAD_FRACTION_MIN_SAMPLES, NonFiniteSteps, check_bad_fraction, log_bad_samples
 from .loss import MatryoshkaClipLoss
 from .preempt import EXIT_PREEMPTED, PreemptionSignal
 
@@ -82,14 +84,21 @@ def parse_args(argv=None):
     p.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
                    help="train through a DeepSpeed engine with this config (ZeRO stage, bf16/fp16); "
                         "batch sizes and clipping come from our flags")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="stop when more than this fraction of the samples read are bad (default 0.01)")
+    p.add_argument("--max-nonfinite-steps", type=int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (default 10)")
     args = p.parse_args(argv)
     args.dims = parse_int_list(args.dims, "--dims")
     args.dim_weights = parse_float_list(args.dim_weights, "--dim-weights") if args.dim_weights else None
-    for flag in ("batch_size", "epochs", "accum_freq", "save_every_n_steps", "log_every_n_steps"):
+    for flag in ("batch_size", "epochs", "accum_freq", "save_every_n_steps", "log_every_n_steps",
+                 "max_nonfinite_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0:
         raise UserError("--workers must be 0 or more")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise UserError(f"--max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
     if args.deepspeed and args.precision != "fp32":
         raise UserError("with --deepspeed, precision is set in the DeepSpeed config (bf16.enabled / fp16.enabled)")
     if args.deepspeed and args.resume not in (None, "latest") and not Path(args.resume).is_dir():
@@ -154,7 +163,7 @@ def train_step(model, loss_fn, optimizer, scaler, autocast, images, texts, accum
                     all_texts = torch.cat([c[1] for c in cached[:j]] + [text_j] + [c[1] for c in cached[j + 1:]])
                     total, per_dim = loss_fn(all_images, all_texts, logit_scale)
                 backward(total, scaler)
-    if not torch.isfinite(total):
+    if not torch.isfinite(total) or (scaler is None and not gradients_finite(model)):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(float(total.detach()), {m: float(v) for m, v in per_dim.items()}, skipped=True)
     if scaler is not None:
@@ -169,6 +178,12 @@ def train_step(model, loss_fn, optimizer, scaler, autocast, images, texts, accum
     with torch.no_grad():
         unwrap(model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
     return StepResult(float(total.detach()), {m: float(v) for m, v in per_dim.items()})
+
+
+def gradients_finite(model) -> bool:
+    """Under DDP the gradients are already all-reduced, so every rank reaches the same answer."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
 
 
 def backward(loss, scaler):
@@ -192,7 +207,7 @@ def resolve_resume(resume: str, checkpoint_dir: Path):
     if resume is None:
         return None
     if resume == "latest":
-        return latest_checkpoint(checkpoint_dir)  # None: a fresh start, as open_clip does
+        return newest_loadable_checkpoint(checkpoint_dir)  # None: a fresh start, as open_clip does
     if not Path(resume).is_file():
         raise UserError(f"--resume checkpoint not found: {resume}")
     return Path(resume)
@@ -203,7 +218,7 @@ def main(argv=None):
     width = models.embed_width(args.model)
     args.dims = check_dims(args.dims, width, must_end_at_width=True)
     args.dim_weights = check_weights(args.dim_weights, args.dims)
-    resolve_shards(args.train_data)
+    check_shards(args.train_data, args.max_bad_fraction)
     if args.train_num_samples is None:
         args.train_num_samples = count_samples(args.train_data)
         if args.train_num_samples is None:
@@ -227,6 +242,8 @@ def main(argv=None):
 
     model, preprocess_train, _, tokenizer = models.create(args.model, args.pretrained, device=str(device))
     model_cfg = models.model_config(args.model)
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
     if ds_config is not None:
         ds_engine.vector_logit_scale(model)
     optimizer = make_optimizer(model, args)
@@ -244,16 +261,21 @@ def main(argv=None):
         total_steps = min(total_steps, args.max_steps)
     schedule = cosine_lr(optimizer, args.lr, args.warmup, steps_per_epoch * args.epochs)
 
-    step = 0
+    step, run_state = 0, {}
     if engine is not None:
-        step = resume_deepspeed(engine, args, ds_dir)
+        step, run_state = resume_deepspeed(engine, args, ds_dir)
         random_seed(args.seed, args.rank + step)  # DeepSpeed keeps no RNG state; a resumed run draws anew
     else:
         resume_path = resolve_resume(args.resume, checkpoint_dir)
         if resume_path is not None:
-            step = resume_checkpoint(resume_path, args, model, optimizer, scaler)
+            step, run_state = resume_checkpoint(resume_path, args, model, optimizer, scaler)
         else:
             random_seed(args.seed, args.rank)
+    # the data stream's position, bad-sample and skipped-step counts (RUN_STATE_KEYS in the checkpoint)
+    position = position_for_rank(run_state, args.rank, args.world_size, args.workers)
+    nonfinite = NonFiniteSteps(args.max_nonfinite_steps)
+    if run_state.get("nonfinite"):
+        nonfinite.load_state_dict(run_state["nonfinite"])
     if is_master and step:
         print(f"resumed at step {step}", file=sys.stderr)
     if args.distributed and not args.dataset_resampled:
@@ -274,9 +296,11 @@ def main(argv=None):
             "world_size": args.world_size, "seed": args.seed}
 
     def save(step, epoch):
+        run_state = {"data": gather_positions(position, args.distributed, args.world_size),
+                     "nonfinite": nonfinite.state_dict()}
         if engine is not None:
             # every rank writes its DeepSpeed part; rank 0 adds the fp32 open_clip checkpoint rebuilt from it
-            tag = ds_engine.save(engine, ds_dir, step, {"step": step, "epoch": epoch, **meta},
+            tag = ds_engine.save(engine, ds_dir, step, {"step": step, "epoch": epoch, **meta, **run_state},
                                  args.keep_checkpoints)
             if is_master:
                 atomic_torch_save(ds_engine.open_clip_checkpoint(ds_dir, tag), checkpoint_dir / f"step_{step}.pt")
@@ -285,7 +309,7 @@ def main(argv=None):
         if not is_master:
             return
         payload = {"epoch": epoch, "state_dict": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                   "step": step, **meta}
+                   "step": step, **meta, **run_state}
         if args.world_size == 1:
             payload["rng"] = [rng_state()]
         if scaler is not None:
@@ -294,20 +318,25 @@ def main(argv=None):
         prune_checkpoints(checkpoint_dir, args.keep_checkpoints)
 
     preemption = PreemptionSignal()
-    bad_by_worker: dict = {}
+    if is_master:
+        remove_partial_files(checkpoint_dir)  # left by a run killed while saving
     progress = tqdm(total=total_steps, initial=step, desc=args.name, disable=not is_master, dynamic_ncols=True)
     (engine or model).train()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        position.start_epoch(epoch)
+        resumed = position.batches == done_in_epoch > 0  # else an old checkpoint: skip by batch count
         stream = make_train_stream(
             args.train_data, preprocess_train, tokenizer, args.batch_size, args.train_num_samples, epoch,
             seed=args.seed, workers=args.workers, rank=args.rank, world_size=args.world_size,
-            resampled=args.dataset_resampled, skip_batches=done_in_epoch)
+            resampled=args.dataset_resampled, skip_batches=done_in_epoch,
+            consumed=position.consumed if resumed else None, bad=position.bad if resumed else None)
+        position.batches = done_in_epoch
         batches = islice(stream.loader, min(steps_per_epoch - done_in_epoch, total_steps - step))
         t_data = time.perf_counter()
         step_at_epoch_start = step
-        for images, texts, bad in batches:
-            bad_by_worker[(epoch, int(bad[0]))] = int(bad[1])
+        for images, texts, report in batches:
+            log_bad_samples(position.update(report), step + 1, log_file)
             images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
             lr = schedule(step)
             t_step = time.perf_counter()
@@ -317,6 +346,7 @@ def main(argv=None):
                 result = train_step(model, loss_fn, optimizer, scaler, autocast, images, texts, args.accum_freq,
                                     args.grad_clip_norm)
             step += 1
+            nonfinite.update(step, result.skipped)
             progress.update(1)
             if is_master and (step % args.log_every_n_steps == 0 or step == total_steps):
                 now = time.perf_counter()
@@ -324,8 +354,9 @@ def main(argv=None):
                           "loss_dim": {str(m): v for m, v in result.per_dim.items()},
                           "logit_scale": result.logit_scale or float(unwrap(model).logit_scale.detach().exp()),
                           "samples_per_s": global_batch / max(now - t_data, 1e-9),
-                          "step_s": now - t_step, "bad_samples": sum(bad_by_worker.values()),
-                          "skipped_step": result.skipped}
+                          "step_s": now - t_step, "bad_samples": position.bad_samples,
+                          "samples_read": position.samples_read, "skipped_step": result.skipped,
+                          "skipped_steps": nonfinite.total}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 progress.set_postfix_str(" ".join(f"{m}:{v:.3f}" for m, v in result.per_dim.items()))
@@ -336,7 +367,15 @@ def main(argv=None):
                           file=sys.stderr)
                 finish(args)
                 return EXIT_PREEMPTED
-            if step % args.save_every_n_steps == 0 and step < total_steps:
+            try:
+                nonfinite.check(step, checkpoint_dir)
+                check_bad_fraction(position.bad_samples, position.samples_read, args.max_bad_fraction, step,
+                                   min(BAD_FRACTION_MIN_SAMPLES, args.train_num_samples), checkpoint_dir)
+            except TrainingHalted:
+                progress.close()
+                raise
+            # not inside a run of skipped steps: the newest checkpoint stays one taken after a finite step
+            if step % args.save_every_n_steps == 0 and step < total_steps and nonfinite.in_row == 0:
                 save(step, step // steps_per_epoch)
             t_data = time.perf_counter()
         if step == step_at_epoch_start:
@@ -352,7 +391,8 @@ def main(argv=None):
             export_model.load_state_dict(load_checkpoint_file(checkpoint_dir / f"step_{step}.pt")["state_dict"])
         export_local_dir(export_model, model_cfg, run_dir / "export")
         print(f"done: {step} steps; checkpoint {checkpoint_dir / f'step_{step}.pt'}; "
-              f"export local-dir:{run_dir / 'export'}; bad samples skipped: {sum(bad_by_worker.values())}",
+              f"export local-dir:{run_dir / 'export'}; bad samples skipped: {position.bad_samples}; "
+              f"non-finite steps skipped: {nonfinite.total}",
               file=sys.stderr)
         log_file.close()
     finish(args)
@@ -370,7 +410,10 @@ def finish(args):
         torch.distributed.destroy_process_group()
 
 
-def resume_checkpoint(path: Path, args, model, optimizer, scaler) -> int:
+RUN_STATE_KEYS = ("data", "nonfinite")  # what a checkpoint holds beside open_clip's format for an exact resume
+
+
+def resume_checkpoint(path: Path, args, model, optimizer, scaler) -> tuple[int, dict]:
     checkpoint = load_checkpoint_file(path)
     if checkpoint.get("dims") not in (None, args.dims):
         raise UserError(f"{path} was trained with --dims {checkpoint['dims']}, not {args.dims}")
@@ -386,25 +429,27 @@ def resume_checkpoint(path: Path, args, model, optimizer, scaler) -> int:
         scaler.load_state_dict(checkpoint["scaler"])
     if "rng" in checkpoint and checkpoint.get("world_size", 1) == args.world_size:
         set_rng_state(checkpoint["rng"][min(args.rank, len(checkpoint["rng"]) - 1)])
-    return int(checkpoint["step"])
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    return int(checkpoint["step"]), {k: checkpoint[k] for k in RUN_STATE_KEYS if k in checkpoint}
 
 
-def resume_deepspeed(engine, args, ds_dir: Path) -> int:
+def resume_deepspeed(engine, args, ds_dir: Path) -> tuple[int, dict]:
     """--resume latest: DeepSpeed's newest complete checkpoint of this run (none yet: a fresh start);
     --resume PATH: a DeepSpeed checkpoint folder (RUN/checkpoints/deepspeed/step_N)."""
     if args.resume is None:
-        return 0
+        return 0, {}
     if args.resume == "latest":
         tag = ds_engine.latest_tag(ds_dir)
         if tag is None:
-            return 0
+            return 0, {}
         folder, tag = ds_dir, tag
     else:
         folder, tag = Path(args.resume).parent, Path(args.resume).name
     client_state = ds_engine.load(engine, folder, tag)
     if client_state.get("dims") not in (None, args.dims):
         raise UserError(f"{folder / tag} was trained with --dims {client_state['dims']}, not {args.dims}")
-    return int(client_state["step"])
+    return int(client_state["step"]), {k: client_state[k] for k in RUN_STATE_KEYS if k in client_state}
 
 
 def deepspeed_step(engine, loss_fn, images, texts, accum_freq) -> StepResult:

@@ -18,36 +18,49 @@ IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp
 
 
 def read_rows(path: Path, image_key: str, caption_key: str):
-    """(line number, image path, caption) from a CSV or JSONL file."""
+    """(line number, image path, caption) from a CSV or JSONL file; a file that is not UTF-8 text, a CSV that
+    does not parse or a line that is not a JSON object is a UserError naming the line."""
     if not path.is_file():
         raise UserError(f"input file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix.lower() in (".jsonl", ".json"):
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{number}: expected a JSON object")
-                yield number, row.get(image_key), row.get(caption_key)
-        else:
-            reader = csv.DictReader(f)
-            for key in (image_key, caption_key):
-                if reader.fieldnames is None or key not in reader.fieldnames:
-                    raise UserError(f"{path}: no column {key!r} (columns: {reader.fieldnames})")
-            for row in reader:
-                yield reader.line_num, row.get(image_key), row.get(caption_key)
+    number = 0
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.suffix.lower() in (".jsonl", ".json"):
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                    if not isinstance(row, dict):
+                        raise UserError(f"{path}:{number}: expected a JSON object")
+                    yield number, row.get(image_key), row.get(caption_key)
+            else:
+                reader = csv.DictReader(f)
+                for key in (image_key, caption_key):
+                    if reader.fieldnames is None or key not in reader.fieldnames:
+                        raise UserError(f"{path}: no column {key!r} (columns: {reader.fieldnames})")
+                for row in reader:
+                    number = reader.line_num
+                    yield number, row.get(image_key), row.get(caption_key)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except csv.Error as err:
+        raise UserError(f"{path}:{number + 1}: not valid CSV ({err})") from None
 
 
 def checked_pairs(path: Path, image_key: str, caption_key: str) -> list:
-    """Every row checked (image file present, known type) before anything is written."""
+    """Every row checked (image file present, known type, a caption that is not empty) before anything is
+    written."""
     pairs = []
     for number, image, caption in read_rows(path, image_key, caption_key):
         if not image or caption is None:
             raise UserError(f"{path}:{number}: missing {image_key!r} or {caption_key!r}")
+        if not isinstance(image, str) or not isinstance(caption, str):
+            raise UserError(f"{path}:{number}: {image_key!r} and {caption_key!r} must be strings")
+        if not caption.strip():
+            raise UserError(f"{path}:{number}: empty caption")
         image_path = Path(image)
         if not image_path.is_absolute():
             image_path = path.parent / image_path
@@ -56,7 +69,7 @@ def checked_pairs(path: Path, image_key: str, caption_key: str) -> list:
             raise UserError(f"{path}:{number}: {image_path.name} is not a jpg, png or webp file")
         if not image_path.is_file():
             raise UserError(f"{path}:{number}: image not found: {image_path}")
-        pairs.append((f"{number:09d}", extension, image_path, str(caption)))
+        pairs.append((f"{number:09d}", extension, image_path, caption))
     return pairs
 
 

@@ -1,16 +1,66 @@
-"""User mistakes get one line on stderr and exit code 2, never a traceback."""
+"""User mistakes get one line on stderr and exit code 2, never a traceback: one table of bad inputs across
+mrl_clip.train, mrl_clip.eval and the pipelines. A row is (command, words the error line must hold); a row that
+needs files is a function that writes them and returns the command, run only for its own case."""
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
+from mrl_clip.errors import run_cli
+
 from .conftest import TINY, run_module
+
+MARKER = "PWNED"  # a pickled payload in the table creates this folder if it is ever unpickled
 
 
 def foreign_checkpoint(tmp):
     """An open_clip-format checkpoint whose weights belong to some other network."""
     path = tmp / "foreign.pt"
-    if tmp.is_dir():
-        torch.save({"epoch": 1, "state_dict": {"fc.weight": torch.zeros(3, 4)}}, path)
+    torch.save({"epoch": 1, "state_dict": {"fc.weight": torch.zeros(3, 4)}}, path)
     return str(path)
+
+
+def pickled_payload(tmp):
+    """A checkpoint that also carries a pickled call, os.mkdir(tmp/PWNED), run by any unsafe load."""
+    from .test_reliability import Payload
+    path = tmp / "payload.pt"
+    torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "extra": Payload(tmp / MARKER)}, path)
+    return str(path)
+
+
+def narrower_tiny_checkpoint(tmp):
+    """A trainer-format checkpoint (weights and optimizer) of the tiny architecture with a 64-wide embedding."""
+    import open_clip
+    path = tmp / "tiny64.pt"
+    model = open_clip.create_model(TINY, embed_dim=64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({"step": 1, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    return str(path)
+
+
+def shards_with_sizes(data, tmp, sizes):
+    """A copy of the training shards with the given sizes.json text."""
+    folder = tmp / "shards"
+    shutil.copytree(Path(data["train"]).parent, folder)
+    (folder / "sizes.json").write_text(sizes)
+    return str(folder / "train-{0000..0003}.tar")
+
+
+def pairs_file(tmp, name, text):
+    (tmp / "img.png").write_bytes(b"")  # only its existence is checked before anything is written
+    (tmp / name).write_text(text)
+    return str(tmp / name)
+
+
+def eval_folder_without(data, tmp, name):
+    folder = tmp / "eval"
+    shutil.copytree(data["eval"], folder)
+    os.remove(folder / name)
+    return str(folder)
 
 
 def bad_inputs(data, tmp):
@@ -35,21 +85,91 @@ def bad_inputs(data, tmp):
         "eval folder not wds": (["mrl_clip.eval", "zeroshot", "--model", TINY, "--data", str(tmp)],
                                 "nshards.txt"),
         "eval unknown task": (["mrl_clip.eval", "bogus"], "invalid choice"),
-        "eval checkpoint of another model": (zeroshot + ["--pretrained", foreign_checkpoint(tmp)], "does not fit"),
+        "eval checkpoint of another model": (lambda: zeroshot + ["--pretrained", foreign_checkpoint(tmp)],
+                                             "does not fit"),
+        "resume checkpoint of another architecture": (
+            lambda: train + ["--dims", "256", "--resume", narrower_tiny_checkpoint(tmp)], "does not fit"),
+        "resume checkpoint with a pickled payload": (
+            lambda: train + ["--dims", "256", "--resume", pickled_payload(tmp)], "refused to load"),
+        "pretrained with a pickled payload": (
+            lambda: train + ["--dims", "256", "--pretrained", pickled_payload(tmp)], "refused to load"),
+        "eval checkpoint with a pickled payload": (
+            lambda: zeroshot + ["--pretrained", pickled_payload(tmp)], "refused to load"),
+        "empty shard list": (["mrl_clip.train", "--model", TINY, "--train-data", "", "--dims", "256"],
+                             "names no shards"),
+        "sizes.json without a listed shard": (
+            lambda: ["mrl_clip.train", "--model", TINY, "--dims", "256", "--logs", tmp, "--train-data",
+                     shards_with_sizes(data, tmp, json.dumps({"train-0000.tar": 512}))],
+            "no entry for train-0001.tar"),
+        "sizes.json not JSON": (
+            lambda: ["mrl_clip.train", "--model", TINY, "--dims", "256", "--logs", tmp, "--train-data",
+                     shards_with_sizes(data, tmp, "{oops")], "cannot read the dataset size"),
+        "max bad fraction above 1": (train + ["--dims", "256", "--max-bad-fraction", "1.5"], "between 0 and 1"),
+        "max non-finite steps 0": (train + ["--dims", "256", "--max-nonfinite-steps", "0"], "at least 1"),
+        "eval folder without classnames.txt": (
+            lambda: ["mrl_clip.eval", "zeroshot", "--model", TINY, "--data",
+                     eval_folder_without(data, tmp, "classnames.txt")], "has no classnames.txt"),
+        "eval recall@0": (["mrl_clip.eval", "retrieval", "--model", TINY, "--data", data["eval"], "--recall-k", "0"],
+                          "--recall-k must be positive"),
+        "csv with a missing image": (
+            lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
+                     pairs_file(tmp, "pairs.csv", "image,caption\nimg.png,a cat\ngone.png,a dog\n")],
+            "pairs.csv:3: image not found"),
+        "csv without a caption column": (
+            lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
+                     pairs_file(tmp, "pairs.csv", "image,text\nimg.png,a cat\n")], "no column 'caption'"),
+        "jsonl line not JSON": (
+            lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
+                     pairs_file(tmp, "pairs.jsonl", '{"image": "img.png", "caption": "a cat"}\n{"image": \n')],
+            "pairs.jsonl:2: not valid JSON"),
+        "csv empty caption": (
+            lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
+                     pairs_file(tmp, "pairs.csv", "image,caption\nimg.png,  \n")], "pairs.csv:2: empty caption"),
     }
 
 
-CASES = list(bad_inputs({"train": "T", "eval": "E"}, __import__("pathlib").Path("/x")))
+CASES = list(bad_inputs({"train": "T", "eval": "E"}, Path("/nonexistent-folder")))
+
+
+# Modules whose main() the table calls in-process through run_cli, exactly what `python -m MODULE` runs (a
+# subprocess per row would cost ~5 s of imports each); test_python_m_wiring checks each such `python -m` once.
+IN_PROCESS = ("mrl_clip.train", "mrl_clip.eval", "pipelines.captions_to_shards")
+
+
+def run_row(args, capfd):
+    """(exit code, stderr) of one table row: in-process for IN_PROCESS modules, else as a subprocess."""
+    args = [str(a) for a in args]
+    if args[0] not in IN_PROCESS:
+        result = run_module(*args, timeout=120)
+        return result.returncode, result.stderr
+    main = importlib.import_module(args[0]).main
+    with pytest.raises(SystemExit) as exited:  # a bad input that is accepted fails here; any other error raises
+        run_cli(main, args[1:])
+    return exited.value.code, capfd.readouterr().err
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_exit_2(case, fmnist_data, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(case, fmnist_data, tmp_path, capfd):
     args, expected = bad_inputs(fmnist_data, tmp_path)[case]
-    result = run_module(*args, timeout=120)
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    code, stderr = run_row(args() if callable(args) else args, capfd)
+    assert code == 2, (code, stderr[-2000:])
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / MARKER).exists(), "a pickled payload was run"
+    assert not (tmp_path / "out").exists(), "the pipeline wrote output before checking its input"
+
+
+@pytest.mark.parametrize("module", IN_PROCESS)
+def test_python_m_wiring(module, tmp_path):
+    result = run_module(module, timeout=120)  # no arguments at all
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and "required" in lines[0], result.stderr[-2000:]
+
+
+def test_the_table_holds_at_least_20_distinct_bad_inputs():
+    assert len(CASES) == len(set(CASES)) >= 20
 
 
 def test_shards_with_no_usable_sample_stop_with_a_message(tmp_path):
