@@ -1,10 +1,12 @@
 """User mistakes get one line on stderr and exit code 2, never a traceback: one table of bad inputs across
-mrl_clip.train, mrl_clip.eval and the pipelines. A row is (command, words the error line must hold); a row that
+mrl_clip.train, mrl_clip.eval, the pipelines and the SLURM job scripts. A row is (command, words the error line must hold); a row that
 needs files is a function that writes them and returns the command, run only for its own case."""
 import importlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 from mrl_clip.errors import run_cli
 
-from .conftest import TINY, run_module
+from .conftest import ROOT, TINY, run_module
 
 MARKER = "PWNED"  # a pickled payload in the table creates this folder if it is ever unpickled
 
@@ -61,6 +63,11 @@ def eval_folder_without(data, tmp, name):
     shutil.copytree(data["eval"], folder)
     os.remove(folder / name)
     return str(folder)
+
+
+# what a job script sees inside an allocation, without a cluster (the rows stop before srun)
+SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1",
+             "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
 
 
 def bad_inputs(data, tmp):
@@ -122,6 +129,16 @@ def bad_inputs(data, tmp):
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.jsonl", '{"image": "img.png", "caption": "a cat"}\n{"image": \n')],
             "pairs.jsonl:2: not valid JSON"),
+        "deepspeed config not JSON": (
+            lambda: train + ["--dims", "256", "--deepspeed", pairs_file(tmp, "ds.json", '{"zero_optimization": ')],
+            "is not valid JSON"),
+        "deepspeed config missing": (train + ["--dims", "256", "--deepspeed", tmp / "nope.json"],
+                                     "DeepSpeed config not found"),
+        "slurm script run without sbatch": (["slurm/train_tiny.sh", {"SLURM_JOB_ID": ""}], "submit this script with sbatch"),
+        "slurm job without TRAIN_DATA": (["slurm/train_vitb.sh", {**SLURM_JOB, "TRAIN_DATA": ""}], "set TRAIN_DATA"),
+        "slurm job with a missing DeepSpeed config": (
+            ["slurm/train_tiny.sh", {**SLURM_JOB, "TRAIN_DATA": data["train"], "DS_CONFIG": str(tmp / "no.json")}],
+            "DeepSpeed config not found"),
         "csv empty caption": (
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.csv", "image,caption\nimg.png,  \n")], "pairs.csv:2: empty caption"),
@@ -138,6 +155,11 @@ IN_PROCESS = ("mrl_clip.train", "mrl_clip.eval", "pipelines.captions_to_shards")
 
 def run_row(args, capfd):
     """(exit code, stderr) of one table row: in-process for IN_PROCESS modules, else as a subprocess."""
+    if str(args[0]).startswith("slurm/"):  # a job script: bash with the row's environment
+        script, env = args
+        result = subprocess.run(["bash", str(ROOT / script)], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120, env={**os.environ, **env})
+        return result.returncode, result.stderr
     args = [str(a) for a in args]
     if args[0] not in IN_PROCESS:
         result = run_module(*args, timeout=120)
