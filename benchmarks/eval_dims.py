@@ -13,11 +13,11 @@ import statistics
 import time
 
 import torch
-
 from common import CACHE, machine, median_ratio, write_result
-from mrl_clip.eval import run_zeroshot
+
+from mrl_clip.eval.main import run_zeroshot
+from mrl_clip.eval.report import default_dims, render_table
 from mrl_clip.models import embed_width
-from mrl_clip.report import default_dims, render_table
 from pipelines import fashion_mnist
 
 MODEL = "MRL-Tiny-28-P7-768"
@@ -26,7 +26,12 @@ MODEL = "MRL-Tiny-28-P7-768"
 def metrics_only_seconds(folder, runs) -> dict:
     """The part that grows with the number of dims: metrics from already encoded features (median of 5)."""
     from mrl_clip import models
-    from mrl_clip.zeroshot import encode_class_prompts, encode_images, load_classification_folder, zeroshot_metrics
+    from mrl_clip.eval.zeroshot import (
+        encode_class_prompts,
+        encode_images,
+        load_classification_folder,
+        zeroshot_metrics,
+    )
 
     model, _, preprocess, tokenizer = models.create(MODEL)
     model.eval()

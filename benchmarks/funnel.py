@@ -29,13 +29,13 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import CACHE, fmnist_shards, machine, median_ratio, write_result  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import CACHE, fmnist_shards, machine, median_ratio, write_result  # noqa: E402
 from mrl_clip import models  # noqa: E402
-from mrl_clip.checkpoint import atomic_write  # noqa: E402
-from mrl_clip.report import render_table  # noqa: E402
-from mrl_clip.retrieval import EmbeddingIndex, format_funnel, parse_funnel  # noqa: E402
+from mrl_clip.eval.report import render_table  # noqa: E402
+from mrl_clip.files import atomic_write  # noqa: E402
+from mrl_clip.search.index import EmbeddingIndex, format_funnel, parse_funnel  # noqa: E402
 from pipelines import fashion_mnist  # noqa: E402
 
 MODEL = "MRL-Tiny-28-P7-768"

@@ -15,13 +15,13 @@ import time
 from contextlib import nullcontext
 
 import torch
-
 from common import fmnist_shards, machine, median_ratio, write_result
+
 from mrl_clip import models
-from mrl_clip.data import make_train_stream
+from mrl_clip.eval.report import default_dims, render_table
 from mrl_clip.loss import MatryoshkaClipLoss
-from mrl_clip.report import default_dims, render_table
-from mrl_clip.train import make_optimizer, train_step
+from mrl_clip.train.data import make_train_stream
+from mrl_clip.train.main import make_optimizer, train_step
 
 MODEL = "MRL-Tiny-28"
 BATCH = 128

@@ -19,11 +19,12 @@ from open_clip.loss import ClipLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_result  # noqa: E402
-from mrl_clip import models  # noqa: E402
-from mrl_clip.loss import MatryoshkaClipLoss  # noqa: E402
-from mrl_clip.report import default_dims  # noqa: E402
-from mrl_clip.train import train_step  # noqa: E402
 from open_clip_train.precision import get_autocast  # noqa: E402
+
+from mrl_clip import models  # noqa: E402
+from mrl_clip.eval.report import default_dims  # noqa: E402
+from mrl_clip.loss import MatryoshkaClipLoss  # noqa: E402
+from mrl_clip.train.main import train_step  # noqa: E402
 
 
 class OpenClipLoss(torch.nn.Module):

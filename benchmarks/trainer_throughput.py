@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def make_shards(out: Path, shards: int, per_shard: int, size: int) -> str:
     from make_synthetic_shards import samples
+
     from pipelines.shards import brace_pattern, write_shards
 
     sizes = write_shards(samples(shards * per_shard, size, seed=0), out, "train", per_shard)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from mrl_clip.checkpoint import latest_checkpoint
 from mrl_clip.errors import ArgumentParser, UserError, run_cli
-from mrl_clip.report import format_side_by_side, plot_metrics, write_json
+from mrl_clip.eval.report import format_side_by_side, plot_metrics
+from mrl_clip.files import write_json
 from pipelines import fashion_mnist
 
 MODEL = "MRL-Tiny-28"

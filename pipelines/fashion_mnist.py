@@ -108,7 +108,10 @@ def build_retrieval_folder(source: Path, folder: Path, per_class: int = 100, cap
     """CLIP_benchmark retrieval folder from the test split: per_class images of each class, each with `captions`
     distinct caption templates of its class. The captions name the class only, so same-class images tie: a
     caption's one positive image shares its class with per_class - 1 others, which caps recall@K near K/per_class."""
-    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_retrieval_dataset
+    from clip_benchmark.webdataset_builder import (
+        PIL_to_bytes,
+        convert_retrieval_dataset,
+    )
 
     images, labels = load_split(source, "test")
     rng = random.Random(seed)

@@ -9,8 +9,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mrl_clip.checkpoint import atomic_write
-from mrl_clip.report import write_json
+from mrl_clip.files import atomic_write, write_json
 
 
 def png_bytes(image: Image.Image) -> bytes:

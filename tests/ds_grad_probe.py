@@ -6,10 +6,11 @@ rank 0 saves DeepSpeed's full (rank-averaged) gradient of every parameter to OUT
 import sys
 
 import torch
-
-from mrl_clip import ds_engine, models
-from mrl_clip.loss import MatryoshkaClipLoss
 from open_clip_train.distributed import init_distributed_device_so
+
+from mrl_clip import models
+from mrl_clip.loss import MatryoshkaClipLoss
+from mrl_clip.train import deepspeed_engine as ds_engine
 
 DIMS = [8, 32, 256]
 BATCH = 8  # per rank

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from mrl_clip.cascade import cascade_predict, choose_threshold, evaluate_cascade, sweep
+from mrl_clip.eval.cascade import (
+    cascade_predict,
+    choose_threshold,
+    evaluate_cascade,
+    sweep,
+)
 
 DIMS = [8, 64, 256]
 

@@ -150,7 +150,8 @@ CASES = list(bad_inputs({"train": "T", "eval": "E"}, Path("/nonexistent-folder")
 
 # Modules whose main() the table calls in-process through run_cli, exactly what `python -m MODULE` runs (a
 # subprocess per row would cost ~5 s of imports each); test_python_m_wiring checks each such `python -m` once.
-IN_PROCESS = ("mrl_clip.train", "mrl_clip.eval", "pipelines.captions_to_shards")
+IN_PROCESS = {"mrl_clip.train": "mrl_clip.train.main", "mrl_clip.eval": "mrl_clip.eval.main",
+              "pipelines.captions_to_shards": "pipelines.captions_to_shards"}
 
 
 def run_row(args, capfd):
@@ -164,7 +165,7 @@ def run_row(args, capfd):
     if args[0] not in IN_PROCESS:
         result = run_module(*args, timeout=120)
         return result.returncode, result.stderr
-    main = importlib.import_module(args[0]).main
+    main = importlib.import_module(IN_PROCESS[args[0]]).main
     with pytest.raises(SystemExit) as exited:  # a bad input that is accepted fails here; any other error raises
         run_cli(main, args[1:])
     return exited.value.code, capfd.readouterr().err
@@ -182,7 +183,12 @@ def test_bad_input_is_one_line_and_exit_2(case, fmnist_data, tmp_path, capfd):
     assert not (tmp_path / "out").exists(), "the pipeline wrote output before checking its input"
 
 
-@pytest.mark.parametrize("module", IN_PROCESS)
+# every `python -m` entry point, the ones kept from the flat layout too (mrl_clip.embed, mrl_clip.convert_deepspeed)
+ENTRY_POINTS = list(IN_PROCESS) + ["mrl_clip.search", "mrl_clip.search.embed", "mrl_clip.embed",
+                                   "mrl_clip.train.convert_deepspeed", "mrl_clip.convert_deepspeed"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_python_m_wiring(module, tmp_path):
     result = run_module(module, timeout=120)  # no arguments at all
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]

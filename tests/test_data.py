@@ -7,9 +7,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mrl_clip.data import StreamPosition, batches_per_worker_done, count_samples, make_train_stream, \
-    resolve_shards
 from mrl_clip.errors import UserError
+from mrl_clip.train.data import (
+    StreamPosition,
+    batches_per_worker_done,
+    count_samples,
+    make_train_stream,
+    resolve_shards,
+)
 from pipelines.shards import write_shards
 
 from .conftest import TINY

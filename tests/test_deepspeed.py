@@ -139,7 +139,7 @@ def test_usr1_checkpoints_and_exits_then_resume_finishes(fmnist_data, tmp_path):
 def test_bad_deepspeed_input_is_one_line(fmnist_data, tmp_path, capsys, config_text, extra, message):
     """In-process (the same run_cli the module's __main__ uses): all of these stop before any engine exists."""
     from mrl_clip.errors import run_cli
-    from mrl_clip.train import main
+    from mrl_clip.train.main import main
 
     config = tmp_path / "ds.json"
     config.write_text(config_text)

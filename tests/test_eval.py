@@ -5,8 +5,13 @@ import pytest
 from clip_benchmark.metrics import zeroshot_classification
 from torch.utils.data import DataLoader
 
-from mrl_clip.eval import run_zeroshot
-from mrl_clip.zeroshot import encode_class_prompts, encode_images, load_classification_folder, zeroshot_metrics
+from mrl_clip.eval.main import run_zeroshot
+from mrl_clip.eval.zeroshot import (
+    encode_class_prompts,
+    encode_images,
+    load_classification_folder,
+    zeroshot_metrics,
+)
 
 from .conftest import TINY, TINY_DIMS, run_module
 

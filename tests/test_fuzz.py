@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mrl_clip.data import make_train_stream
 from mrl_clip.errors import UserError
+from mrl_clip.train.data import make_train_stream
 from pipelines import captions_to_shards
 
 from .conftest import TINY

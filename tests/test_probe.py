@@ -6,9 +6,16 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from mrl_clip.errors import UserError
+from mrl_clip.eval.probe import (
+    cached_features,
+    checkpoint_identity,
+    probe_metrics,
+    select_and_train,
+    standardize,
+    train_fixed_feature_probes,
+    train_mrl_probe,
+)
 from mrl_clip.heads import MRLHeads, load_heads, save_heads
-from mrl_clip.probe import (cached_features, checkpoint_identity, probe_metrics, select_and_train, standardize,
-                            train_fixed_feature_probes, train_mrl_probe)
 
 DIMS = [8, 16, 32, 64]
 CLASSES = 10

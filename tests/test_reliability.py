@@ -13,8 +13,13 @@ import open_clip
 import torch
 from PIL import Image
 
-from mrl_clip.checkpoint import latest_checkpoint, load_checkpoint_file, newest_loadable_checkpoint, step_checkpoints
-from mrl_clip.probe import cache_path, cached_features
+from mrl_clip.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint_file,
+    newest_loadable_checkpoint,
+    step_checkpoints,
+)
+from mrl_clip.eval.probe import cache_path, cached_features
 from pipelines.shards import png_bytes, write_shards
 
 from .conftest import ROOT, TINY, run_module
@@ -94,8 +99,8 @@ def test_kill_9_then_resume_latest_ends_bitwise_equal_to_an_unbroken_run(fmnist_
 KILL_DURING_SAVES = """
 import json, os, random, signal, sys, time
 import torch
-from mrl_clip.checkpoint import atomic_torch_save, load_checkpoint_file, prune_checkpoints, remove_partial_files, \\
-    step_checkpoints
+from mrl_clip.checkpoint import load_checkpoint_file, prune_checkpoints, step_checkpoints
+from mrl_clip.files import atomic_torch_save, remove_partial_files
 
 folder, cycles = sys.argv[1], int(sys.argv[2])
 state = {"state_dict": {"w": torch.randn(8 * 2**20)}, "step": 0}  # 32 MiB

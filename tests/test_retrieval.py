@@ -1,4 +1,4 @@
-"""Exact and funnel search (mrl_clip.retrieval) against float64 numpy brute force; the embed -> search CLI round
+"""Exact and funnel search (mrl_clip.search.index) against float64 numpy brute force; the embed -> search CLI round
 trip; `eval retrieval --funnel` against the exact evaluation; one-line errors for bad funnel specs."""
 import json
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mrl_clip.errors import UserError
-from mrl_clip.retrieval import EmbeddingIndex, parse_funnel
+from mrl_clip.search.index import EmbeddingIndex, parse_funnel
 from pipelines import fashion_mnist
 from tests.conftest import TINY, run_module
 
@@ -130,7 +130,7 @@ def test_bad_funnel_specs_are_user_errors(text, message):
     ("32:400,256:5", "fewer than the 10 asked for"),
 ])
 def test_eval_retrieval_bad_funnel_is_a_user_error(fmnist_data, funnel, message):
-    from mrl_clip import eval as mrl_eval
+    from mrl_clip.eval import main as mrl_eval
 
     with pytest.raises(UserError, match=message):
         mrl_eval.main(["retrieval", "--model", TINY, "--data", str(fmnist_data["captions"]), "--funnel", funnel,
@@ -149,7 +149,10 @@ def test_eval_retrieval_bad_funnel_is_one_line(fmnist_data):
 def unique_caption_folder(tmp_path_factory):
     """A CLIP_benchmark retrieval folder whose captions are all distinct strings (class captions repeat, and
     equal texts tie, leaving recall@K to each library's tie order)."""
-    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_retrieval_dataset
+    from clip_benchmark.webdataset_builder import (
+        PIL_to_bytes,
+        convert_retrieval_dataset,
+    )
     from PIL import Image
 
     images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, "test")
@@ -246,8 +249,9 @@ def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
 
 @pytest.fixture
 def small_index(trained_run, tmp_path):
-    from mrl_clip.embed import save_embeddings
     import torch
+
+    from mrl_clip.search.embed import save_embeddings
 
     index_file = tmp_path / "five.npz"
     save_embeddings(index_file, torch.randn(5, 256), [f"item{i}" for i in range(5)],
@@ -263,7 +267,7 @@ def small_index(trained_run, tmp_path):
     ([], "give at least one query"),
 ])
 def test_search_errors_are_user_errors(small_index, args, message):
-    from mrl_clip import search
+    from mrl_clip.search import main as search
 
     with pytest.raises(UserError, match=message):
         search.main(["--index", str(small_index), *args])

@@ -7,9 +7,9 @@ import open_clip
 import pytest
 import torch
 
+from mrl_clip.eval.zeroshot import evaluate_zeroshot, load_classification_folder
 from mrl_clip.loss import MatryoshkaClipLoss
-from mrl_clip.train import train_step
-from mrl_clip.zeroshot import evaluate_zeroshot, load_classification_folder
+from mrl_clip.train.main import train_step
 
 from .conftest import TINY, TINY_DIMS, run_module
 from .test_distributed import Towers, free_port

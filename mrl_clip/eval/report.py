@@ -1,8 +1,5 @@
-"""Tables, JSON and plots of metrics per nested dim."""
-import json
+"""Tables and plots of metrics per nested dim."""
 from pathlib import Path
-
-from .checkpoint import atomic_write
 
 
 def default_dims(width: int, smallest: int = 8) -> list[int]:
@@ -47,11 +44,6 @@ def format_side_by_side(models: dict, metric: str) -> str:
             row.append(f"{100 * metrics[metric]:.2f}" if metrics else "-")
         rows.append(row)
     return f"{metric}:\n" + render_table(header, rows)
-
-
-def write_json(obj, path) -> None:
-    text = json.dumps(obj, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def plot_metrics(models: dict, metrics: list, path, title: str = "") -> None:

@@ -14,7 +14,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass

@@ -7,20 +7,19 @@
 Queries are texts (--text), images (--image), or every row of another embeddings file (--queries); texts and
 images are encoded with the model recorded in the index file (or --model / --pretrained). Results are ranked by
 the cosine similarity of the dim-prefixes (slice, then re-normalise); --funnel shortlists at a small dim and
-re-ranks at larger ones (see mrl_clip.retrieval), returning its final K per query.
+re-ranks at larger ones (see mrl_clip.search.index), returning its final K per query.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import ArgumentParser, UserError
+from ..files import write_json
 from .embed import embed_images, embed_texts, load_embeddings
-from .errors import ArgumentParser, UserError, run_cli
-from .report import write_json
-from .retrieval import EmbeddingIndex, format_funnel, parse_funnel
+from .index import EmbeddingIndex, format_funnel, parse_funnel
 
 
 def parse_args(argv=None):
@@ -50,7 +49,7 @@ def encode_queries(args, meta) -> tuple:
     """(query embeddings [queries, width], query labels)."""
     vectors, labels = [], []
     if args.text or args.image:
-        from . import models
+        from .. import models
 
         name = args.model or meta.get("model")
         pretrained = args.pretrained if args.model else (args.pretrained or meta.get("pretrained"))
@@ -107,7 +106,3 @@ def main(argv=None):
         write_json({"index": args.index, "search": how, "k": k, "ms_per_query": 1000 * seconds / len(labels),
                     "queries": hits}, args.output)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

@@ -32,11 +32,11 @@ from open_clip_train.data import (
     get_dataset_size,
     group_by_keys_nothrow,
 )
+from torch.utils.data import get_worker_info
 from webdataset.autodecode import imagehandler
 from webdataset.tariterators import tar_file_expander, url_opener
-from torch.utils.data import get_worker_info
 
-from .errors import UserError
+from ..errors import UserError
 
 SHARD_SHUFFLE_BUFFER = 2000
 SAMPLE_SHUFFLE_BUFFER = 2000

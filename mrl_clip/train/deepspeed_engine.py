@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_write
-from .errors import UserError
+from ..errors import UserError
+from ..files import atomic_write
 
 TAG_PREFIX = "step_"
 

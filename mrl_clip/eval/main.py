@@ -9,15 +9,15 @@ Every image and text is encoded once at full width; each dim is a slice of those
 model), JSON {"task", "models": {label: {"dims", "metrics": {"<dim>": {...}}}}} and a plot of each metric.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from . import models
-from .dims import check_dims, parse_int_list
-from .errors import ArgumentParser, UserError, run_cli
-from .report import default_dims, format_table, plot_metrics, render_table, write_json
+from .. import models
+from ..dims import check_dims, parse_int_list
+from ..errors import ArgumentParser, UserError
+from ..files import write_json
+from .report import default_dims, format_table, plot_metrics, render_table
 
 ZEROSHOT_METRICS = ["acc1", "acc5", "mean_per_class_recall"]
 PROBE_METRICS = ["lp_acc1", "lp_acc5"]
@@ -110,9 +110,13 @@ def run_retrieval(model_name, pretrained, data, dims=None, split="test", device=
                   recall_k=(1, 5, 10), funnel=None):
     """{"dims", "metrics"} and, with a funnel spec, "funnel": the same recall@K through funnel search and exact
     full-width search, with ms per query of each."""
-    from .retrieval import format_funnel, parse_funnel
-    from .zeroshot_retrieval import encode_pairs, funnel_retrieval_metrics, load_retrieval_folder, \
-        retrieval_metrics
+    from ..search.index import format_funnel, parse_funnel
+    from .zeroshot_retrieval import (
+        encode_pairs,
+        funnel_retrieval_metrics,
+        load_retrieval_folder,
+        retrieval_metrics,
+    )
 
     dims = dims_for(model_name, dims)
     stages = parse_funnel(funnel, models.embed_width(model_name), max(recall_k)) if funnel else None
@@ -184,7 +188,7 @@ def heads_path(args, name, pretrained, kind) -> Path:
 def run_linear_probe(args, name, pretrained, dims, kinds):
     """{kind: {"dims", "metrics", "probe"}}: heads trained on --train-split, measured on --split, saved beside
     the checkpoint (never inside open_clip's state_dict)."""
-    from .heads import save_heads
+    from ..heads import save_heads
     from .probe import probe_metrics, select_and_train
 
     train_x, train_y, test_x, test_y, num_classes, stats = standardized_probe_data(args, name, pretrained)
@@ -209,7 +213,11 @@ def run_cascade(args, name, pretrained, dims):
     from .cascade import evaluate_cascade
 
     if args.source == "zeroshot":
-        from .zeroshot import encode_class_prompts, load_classification_folder, zeroshot_logits
+        from .zeroshot import (
+            encode_class_prompts,
+            load_classification_folder,
+            zeroshot_logits,
+        )
 
         model, preprocess, tokenizer, features = load_with_features(args, name, pretrained, [args.split])
         x, y = features[args.split]
@@ -294,7 +302,3 @@ def main(argv=None):
     if args.plot:
         plot_metrics(results, metric_names, args.plot, title=f"{args.task}: metric vs embedding dim")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import latest_checkpoint
-from .errors import TrainingHalted
+from ..checkpoint import latest_checkpoint
+from ..errors import TrainingHalted
 
 # below this many samples read, one bad sample would already be a large fraction
 BAD_FRACTION_MIN_SAMPLES = 1000

@@ -13,7 +13,7 @@ from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .errors import UserError
+from ..errors import UserError
 from .zeroshot import check_wds_folder
 
 
@@ -81,7 +81,7 @@ def ranked_scores(result, n_items: int) -> torch.Tensor:
 def searched_recall(search, queries, items, positives, recall_k, name, batch_size=256):
     """recall@K (CLIP_benchmark's definition) of one side searched through an EmbeddingIndex over `items`, and
     the search time per query in ms."""
-    from .retrieval import EmbeddingIndex
+    from ..search.index import EmbeddingIndex
 
     index = EmbeddingIndex(items.numpy())
     started = time.perf_counter()
@@ -94,7 +94,7 @@ def searched_recall(search, queries, items, positives, recall_k, name, batch_siz
 
 
 def funnel_retrieval_metrics(image_features, text_features, text_image_index, stages, recall_k=(1, 5, 10)) -> dict:
-    """Retrieval recall@K and ms per query of funnel search (mrl_clip.retrieval) and of exact full-width faiss
+    """Retrieval recall@K and ms per query of funnel search (mrl_clip.search.index) and of exact full-width faiss
     search, both ways: {"funnel": {...}, "exact": {...}} with "metrics" and "ms_per_query" each."""
     positives = torch.zeros(len(text_features), len(image_features), dtype=torch.bool)
     positives[torch.arange(len(text_features)), text_image_index] = True

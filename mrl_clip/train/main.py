@@ -29,22 +29,36 @@ from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
-from . import ds_engine, models
-from .checkpoint import atomic_torch_save, export_local_dir, load_checkpoint_file, newest_loadable_checkpoint, \
-    prune_checkpoints, remove_partial_files
-from .data import batches_per_epoch, check_shards, count_samples, gather_positions, make_train_stream, \
-    position_for_rank, resolve_shards
-from .dims import check_dims, check_weights, parse_float_list, parse_int_list
-from .errors import ArgumentParser, TrainingHalted, UserError, run_cli
-from .guards import BAD_FRACTION_MIN_SAMPLES, NonFiniteSteps, check_bad_fraction, log_bad_samples
-from .loss import MatryoshkaClipLoss
+from .. import models
+from ..checkpoint import export_local_dir, load_checkpoint_file, newest_loadable_checkpoint, prune_checkpoints
+from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
+from ..errors import ArgumentParser, TrainingHalted, UserError
+from ..files import atomic_torch_save, remove_partial_files
+from ..loss import MatryoshkaClipLoss
+from . import deepspeed_engine as ds_engine
+from .data import (
+    batches_per_epoch,
+    check_shards,
+    count_samples,
+    gather_positions,
+    make_train_stream,
+    position_for_rank,
+    resolve_shards,
+)
+from .guards import (
+    BAD_FRACTION_MIN_SAMPLES,
+    NonFiniteSteps,
+    check_bad_fraction,
+    log_bad_samples,
+)
 from .preempt import EXIT_PREEMPTED, PreemptionSignal
 
 LOGIT_SCALE_MAX = math.log(100)
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m mrl_clip.train", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="open_clip model name (ours: MRL-Tiny-28, ViT-B-32-768)")
     p.add_argument("--pretrained", default=None, help="initial weights: an open_clip checkpoint file")
     p.add_argument("--train-data", required=True, help="shard URLs with brace expansion, e.g. 'd/train-{0000..0099}.tar'")
@@ -458,7 +472,3 @@ def deepspeed_step(engine, loss_fn, images, texts, accum_freq) -> StepResult:
         ds_engine.clamp_logit_scale(engine, LOGIT_SCALE_MAX)
     return StepResult(float(total.detach()), {m: float(v) for m, v in per_dim.items()}, skipped=not stepped,
                       logit_scale=float(logit_scale.detach().float().reshape(-1)[0]))
-
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_torch_save
-from .dims import check_dims, check_weights
-from .errors import UserError
-from .heads import MRLHeads
+from ..dims import check_dims, check_weights
+from ..errors import UserError
+from ..files import atomic_torch_save
+from ..heads import MRLHeads
 from .zeroshot import top1_top5
 
 KINDS = ("mrl", "mrl-e", "fixed")

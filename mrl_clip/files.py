@@ -1,0 +1,57 @@
+"""Files written atomically: whole or not at all, whatever kills the writer."""
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+PARTIAL_FILE = re.compile(r"^\..+\.tmp$")
+
+
+def atomic_write(path, write) -> Path:
+    """`write(tmp_path)` writes a temporary file in the same folder; it is flushed to disk, then renamed over
+    `path`, so readers see the old file or the whole new one, never a part. A process killed mid-write leaves
+    only a hidden .NAME.*.tmp file, which no reader picks (remove_partial_files clears them)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_folder(path.parent)  # the rename itself survives a crash
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes that were killed (call it where one process writes the folder)."""
+    folder = Path(folder)
+    partial = [folder / n for n in os.listdir(folder) if PARTIAL_FILE.match(n)] if folder.is_dir() else []
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(obj, path) -> None:
+    text = json.dumps(obj, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
