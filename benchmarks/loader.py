@@ -12,7 +12,6 @@ benchmarks/results/loader.json.
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 from common import fmnist_shards, machine, median_ratio, write_result
@@ -21,7 +20,8 @@ from mrl_clip import models
 from mrl_clip.eval.report import default_dims, render_table
 from mrl_clip.loss import MatryoshkaClipLoss
 from mrl_clip.train.data import make_train_stream
-from mrl_clip.train.main import make_optimizer, train_step
+from mrl_clip.train.loop import train_step
+from mrl_clip.train.plain_engine import PlainEngine, make_optimizer
 
 MODEL = "MRL-Tiny-28"
 BATCH = 128
@@ -53,13 +53,14 @@ def main():
     cfg = models.model_config(MODEL)
     dims = default_dims(cfg["embed_dim"])
     loss_fn = MatryoshkaClipLoss(dims)
-    optimizer = make_optimizer(model, argparse.Namespace(lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-6, wd=0.2))
+    optimizer = make_optimizer(model, lr=1e-3, wd=0.2, betas=(0.9, 0.98), eps=1e-6)
+    engine = PlainEngine(model, optimizer, torch.amp.GradScaler(enabled=False))
     stream = batches_forever(urls, samples, preprocess_train, tokenizer, args.workers)
     images, texts, _ = next(stream)  # workers started; the step trains on real batch shapes and values
     prefetched = args.workers * 2    # torch DataLoader's prefetch_factor 2 per worker
 
     def step():
-        train_step(model, loss_fn, optimizer, None, nullcontext, images, texts, 1, None)
+        train_step(engine, loss_fn, [(images, texts)])
 
     step()
     machine_at_start = machine(args.threads)  # load average just before the timed rounds

@@ -24,7 +24,8 @@ from open_clip_train.precision import get_autocast  # noqa: E402
 from mrl_clip import models  # noqa: E402
 from mrl_clip.eval.report import default_dims  # noqa: E402
 from mrl_clip.loss import MatryoshkaClipLoss  # noqa: E402
-from mrl_clip.train.main import train_step  # noqa: E402
+from mrl_clip.train.loop import train_step  # noqa: E402
+from mrl_clip.train.plain_engine import PlainEngine  # noqa: E402
 
 
 class OpenClipLoss(torch.nn.Module):
@@ -64,6 +65,7 @@ def main():
     context = cfg["text_cfg"].get("context_length", 77)
     dims = default_dims(width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    engine = PlainEngine(model, optimizer, torch.amp.GradScaler(enabled=False))
     autocast = get_autocast(args.precision, device_type=torch.device(args.device).type)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, size, size, generator=g).to(args.device)
@@ -76,7 +78,7 @@ def main():
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_step(model, loss_fn, optimizer, None, autocast or nullcontext, images, texts, 1, None)
+        train_step(engine, loss_fn, [(images, texts)], autocast or nullcontext)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start

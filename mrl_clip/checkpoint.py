@@ -2,6 +2,7 @@
 import os
 import pickle
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,11 +15,13 @@ from .files import atomic_write
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
-def step_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+def step_checkpoints(folder: Path, pattern: re.Pattern = STEP_FILE) -> list[tuple[int, Path]]:
+    """(step, path) of the entries of `folder` whose name matches `pattern` (its group 1 is the step), oldest
+    first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := STEP_FILE.match(name))]
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := pattern.match(name))]
     return sorted(found)
 
 
@@ -27,23 +30,28 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
-def newest_loadable_checkpoint(folder: Path) -> Optional[Path]:
-    """The newest step checkpoint that loads; a newer one that does not (a disk fault: atomic saves never leave
-    one) is passed over with a warning naming it."""
+def newest_loadable_checkpoint(folder: Path) -> Optional[tuple[Path, dict]]:
+    """(path, checkpoint) of the newest step checkpoint that loads; a newer one that does not (a disk fault:
+    atomic saves never leave one) is passed over with a warning naming it."""
     for _, path in reversed(step_checkpoints(folder)):
         try:
-            load_checkpoint_file(path)
-            return path
+            return path, load_checkpoint_file(path)
         except UserError as err:
             print(f"warning: passing over {path}: {err}", file=sys.stderr)
     return None
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
+def prune_checkpoints(folder: Path, keep: int, pattern: re.Pattern = STEP_FILE, spare: Optional[Path] = None):
+    """Remove all but the newest `keep` checkpoints (files or folders) of `folder`, never `spare`."""
     if keep <= 0:
         return
-    for _, path in step_checkpoints(folder)[:-keep]:
-        path.unlink(missing_ok=True)
+    for _, path in step_checkpoints(folder, pattern)[:-keep]:
+        if path == spare:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def refused_pickle(path) -> str:

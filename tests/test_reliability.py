@@ -142,7 +142,7 @@ def test_kill_9_during_saves_never_leaves_a_partial_latest(tmp_path):
         assert all(name.startswith(".step_") and name.endswith(".tmp") for name in cycle["partial"]), cycle
     assert any(cycle["partial"] for cycle in cycles), cycles
     found = step_checkpoints(folder)
-    assert newest_loadable_checkpoint(folder) == latest_checkpoint(folder) == found[-1][1]
+    assert newest_loadable_checkpoint(folder)[0] == latest_checkpoint(folder) == found[-1][1]
     assert found[-1][0] == max(int(s) for s in cycles[-1]["loaded"])
 
 
@@ -151,7 +151,8 @@ def test_latest_passes_over_a_damaged_newest_file(tmp_path, capsys):
         torch.save({"state_dict": {"w": torch.ones(1000)}, "step": step}, tmp_path / f"step_{step}.pt")
     with open(tmp_path / "step_2.pt", "r+b") as f:  # a disk fault: atomic saves never leave this
         f.truncate(500)
-    assert newest_loadable_checkpoint(tmp_path) == tmp_path / "step_1.pt"
+    path, checkpoint = newest_loadable_checkpoint(tmp_path)
+    assert path == tmp_path / "step_1.pt" and checkpoint["step"] == 1
     assert "passing over" in capsys.readouterr().err
 
 

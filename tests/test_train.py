@@ -1,15 +1,14 @@
 import json
 import subprocess
 import sys
-from contextlib import nullcontext
-
 import open_clip
 import pytest
 import torch
 
 from mrl_clip.eval.zeroshot import evaluate_zeroshot, load_classification_folder
 from mrl_clip.loss import MatryoshkaClipLoss
-from mrl_clip.train.main import train_step
+from mrl_clip.train.loop import train_step
+from mrl_clip.train.plain_engine import PlainEngine
 
 from .conftest import TINY, TINY_DIMS, run_module
 from .test_distributed import Towers, free_port
@@ -64,16 +63,19 @@ def test_local_dir_export_loads_in_plain_open_clip(trained_run, tmp_path):
         assert torch.allclose(out["image"], model.encode_image(torch.randn(2, 3, 28, 28)), atol=1e-6)
 
 
-def test_accumulated_micro_batches_give_the_big_batch_gradient():
-    def grads(accum_freq):
+def test_accum_freq_batches_give_the_gradient_of_one_big_batch():
+    """--accum-freq K, open_clip's meaning: K loader batches of B make one step whose gradient is that of one
+    batch of K x B samples (every sample a negative for every other)."""
+    def grads(batches):
         model = Towers()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        g = torch.Generator().manual_seed(5)
-        x, y = torch.randn(16, 10, generator=g), torch.randn(16, 12, generator=g)
-        train_step(model, MatryoshkaClipLoss([4, 8, 16]), optimizer, None, nullcontext, x, y, accum_freq, None)
+        engine = PlainEngine(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.amp.GradScaler(enabled=False))
+        train_step(engine, MatryoshkaClipLoss([4, 8, 16]), batches)
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    whole, accumulated = grads(1), grads(4)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(16, 10, generator=g), torch.randn(16, 12, generator=g)
+    whole = grads([(x, y)])
+    accumulated = grads([(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)])
     for name in whole:
         assert torch.allclose(whole[name], accumulated[name], atol=1e-6, rtol=1e-5), name
 

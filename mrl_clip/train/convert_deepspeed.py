@@ -33,7 +33,7 @@ def main(argv=None):
         raise UserError(f"{ds_dir} has no complete checkpoint ('latest' missing); pass --tag step_N")
     if not (ds_dir / tag).is_dir():
         raise UserError(f"no checkpoint {tag} in {ds_dir} (found: "
-                        f"{', '.join(t for _, t in deepspeed_engine.step_tags(ds_dir)) or 'none'})")
+                        f"{', '.join(p.name for _, p in deepspeed_engine.step_tags(ds_dir)) or 'none'})")
     checkpoint = deepspeed_engine.open_clip_checkpoint(ds_dir, tag)
     if "model" not in checkpoint:
         raise UserError(f"{ds_dir / tag} was not written by mrl_clip.train (no model name in it)")

@@ -11,7 +11,10 @@ What we add to open_clip_train.data.get_wds_dataset, and why:
   position in its checkpoint and a resumed stream skips exactly those samples, before decoding;
 - random augmentations are seeded per sample from (seed, epoch, shard, key), so a resumed run draws the same crops;
 - a resume after a number of batches that is not a multiple of the workers rotates the workers' roles, so the
-  loader's round-robin continues with the worker that was next.
+  loader's round-robin continues with the worker that was next;
+- a worker's epoch repeats passes over its shards until it has made its batches (webdataset's `with_epoch`), but a
+  pass that only skipped samples read before a resume does not end the epoch (webdataset stops on any empty pass);
+- shards are split across ranks by the trainer's own rank and world size, not by environment variables.
 """
 import functools
 import hashlib
@@ -115,6 +118,11 @@ class WorkerTracker:
         self.offset, self.resume_consumed, self.resume_bad = offset, consumed or {}, bad or {}
         self.worker = None
 
+    def skipping(self) -> bool:
+        """Whether samples read before the resume are still to be skipped."""
+        self._start()
+        return self.to_skip > 0
+
     def _start(self):
         if self.worker is None:
             self.worker, _ = logical_worker(self.offset)
@@ -211,6 +219,10 @@ def _with_report(batch, tracker: WorkerTracker):
     return images, texts, tracker.report(marks[-1])
 
 
+def _split_by_rank(src, rank: int, world_size: int):
+    yield from islice(src, rank, None, world_size)
+
+
 def _split_by_logical_worker(src, offset: int):
     worker, workers = logical_worker(offset)
     yield from islice(src, worker, None, workers)
@@ -291,11 +303,38 @@ def position_for_rank(checkpoint: dict, rank: int, world_size: int, workers: int
     return StreamPosition.from_state_dict(positions[rank])
 
 
-def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, workers: int) -> int:
-    """Batches each rank takes per epoch: enough for num_samples, rounded up so every worker makes as many
-    (open_clip's rule; equal counts keep DDP ranks in step)."""
-    workers = max(1, workers)
-    return math.ceil(math.ceil(num_samples / (batch_size * world_size)) / workers) * workers
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, workers: int, accum_freq: int = 1) -> int:
+    """Loader batches each rank takes per epoch: enough for num_samples, rounded up so every worker makes as many
+    (open_clip's rule; equal counts keep DDP ranks in step) and the epoch is whole optimizer steps of accum_freq
+    batches each."""
+    rounding = math.lcm(max(1, workers), accum_freq)
+    return math.ceil(math.ceil(num_samples / (batch_size * world_size)) / rounding) * rounding
+
+
+def rank_shards(urls: str, seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
+    """The shards this rank reads in `epoch`'s first pass: the stream's own shuffle and split."""
+    shuffled = detshuffle2(bufsize=SHARD_SHUFFLE_BUFFER, initial=SHARD_SHUFFLE_BUFFER, seed=seed, epoch=epoch - 1)
+    return list(_split_by_rank(shuffled.run(iter(resolve_shards(urls, allow_missing=True))), rank, world_size))
+
+
+class EpochPipeline(wds.DataPipeline):
+    """webdataset's pipeline with `with_epoch`: passes over the worker's shards repeat until the epoch's batches
+    are made, and a pass that yields nothing ends it (else all-bad data would loop forever) — unless the pass was
+    skipping the samples read before a resume: near an epoch's end those can be a whole pass."""
+
+    def __init__(self, *stages, tracker: WorkerTracker):
+        super().__init__(*stages)
+        self.tracker = tracker
+
+    def iterator(self):
+        for _ in range(self.repetitions):
+            skipping = self.tracker.skipping()
+            count = 0
+            for sample in self.iterator1():
+                yield sample
+                count += 1
+            if count == 0 and not skipping:
+                break
 
 
 @dataclass
@@ -317,6 +356,7 @@ def make_train_stream(
         rank: int = 0,
         world_size: int = 1,
         resampled: bool = False,
+        accum_freq: int = 1,
         skip_batches: int = 0,
         consumed: Optional[dict] = None,
         bad: Optional[dict] = None,
@@ -345,7 +385,7 @@ def make_train_stream(
         pipeline = [
             wds.SimpleShardList(shards),
             detshuffle2(bufsize=SHARD_SHUFFLE_BUFFER, initial=SHARD_SHUFFLE_BUFFER, seed=seed, epoch=epoch - 1),
-            wds.split_by_node,
+            functools.partial(_split_by_rank, rank=rank, world_size=world_size),
             functools.partial(_split_by_logical_worker, offset=offset),
         ]
     tracker = WorkerTracker(offset, consumed, bad)
@@ -359,10 +399,10 @@ def make_train_stream(
         wds.batched(batch_size, partial=False),
         wds.map(functools.partial(_with_report, tracker=tracker)),
     ]
-    dataset = wds.DataPipeline(*pipeline)
+    dataset = EpochPipeline(*pipeline, tracker=tracker)
 
     global_batch = batch_size * world_size
-    num_batches = batches_per_epoch(num_samples, batch_size, world_size, workers)
+    num_batches = batches_per_epoch(num_samples, batch_size, world_size, workers, accum_freq)
     dataset = dataset.with_epoch(num_batches // workers_eff)
     # seeds the workers' torch RNG (augmentations) from (seed, epoch, rank), not from the trainer's RNG state
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)

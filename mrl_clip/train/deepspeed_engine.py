@@ -1,11 +1,12 @@
-"""The DeepSpeed path of mrl_clip.train: config, engine, one training step, checkpoints and fp32 export.
+"""The DeepSpeed path of mrl_clip.train: config, the engine's part of loop.train_step, checkpoints and fp32 export.
 
 What the engine needs that plain DDP does not, and why:
 - open_clip's `logit_scale` is a 0-dim parameter; `deepspeed.initialize` (ZeRO's flat buffers) and ZeRO-0's fp32
   gradient clipping cannot take one, so the engine trains it reshaped to [1]; every state dict we write reshapes
   it back, so checkpoints and exports stay open_clip's.
 - with bf16/fp16 the engine holds low-precision weights and the fp32 masters live in the (partitioned) optimizer:
-  the fp32 open_clip checkpoint is rebuilt from DeepSpeed's own checkpoint with its `zero_to_fp32` tool, and the
+  the fp32 open_clip checkpoint is rebuilt from DeepSpeed's own checkpoint with its `zero_to_fp32` tool (at the
+  end of a run, or by convert_deepspeed: it reads every rank's optimizer state, too slow for every save), and the
   logit_scale clamp is applied to the fp32 master, not only to the bf16 copy.
 - DeepSpeed's checkpoints are written by every rank and loaded by DeepSpeed itself (pickle, `weights_only=False`):
   they are this run's own files. Our `latest` pointer is written atomically after every rank has finished.
@@ -13,22 +14,27 @@ What the engine needs that plain DDP does not, and why:
 import json
 import logging
 import os
-import shutil
+import re
 import socket
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import prune_checkpoints, step_checkpoints
 from ..errors import UserError
-from ..files import atomic_write
+from ..files import atomic_torch_save, atomic_write
+from .plain_engine import LOGIT_SCALE_MAX, RUN_STATE_KEYS
 
 TAG_PREFIX = "step_"
+STEP_TAG = re.compile(r"^step_(\d+)$")
 
 
 def load_config(path, batch_size: int, accum_freq: int, world_size: int, grad_clip_norm) -> dict:
-    """A plain DeepSpeed JSON; the batch sizes come from our flags (DeepSpeed checks they agree)."""
+    """A plain DeepSpeed JSON; the batch sizes come from our flags (DeepSpeed checks they agree): a micro-batch is
+    one loader batch of --batch-size, and --accum-freq of them make a step."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"DeepSpeed config not found: {path}")
@@ -46,9 +52,9 @@ def load_config(path, batch_size: int, accum_freq: int, world_size: int, grad_cl
     if config.get("zero_optimization", {}).get("stage", 0) not in (1, 2, 3):
         raise UserError(f"{path}: set zero_optimization.stage to 1, 2 or 3 (ZeRO-0 is plain data parallelism: "
                         "train without --deepspeed)")
-    config["train_micro_batch_size_per_gpu"] = batch_size // accum_freq
+    config["train_micro_batch_size_per_gpu"] = batch_size
     config["gradient_accumulation_steps"] = accum_freq
-    config["train_batch_size"] = batch_size * world_size
+    config["train_batch_size"] = batch_size * accum_freq * world_size
     config.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW, as in the DDP path
     if grad_clip_norm is not None:
         config["gradient_clipping"] = grad_clip_norm
@@ -104,45 +110,8 @@ def input_dtype(engine):
     return torch.float32
 
 
-def train_step(engine, loss_fn, images, texts, accum_freq: int):
-    """One optimizer step through the engine: the same maths as mrl_clip.train.train_step (open_clip's feature
-    caching across micro-batches; logit_scale's gradient from one pass). The loss runs in fp32 whatever the
-    weights' precision. Returns (total, per_dim, logit_scale, stepped); a non-finite loss on any rank skips the step
-    on every rank before anything reaches the engine (no half-done accumulation)."""
-    images = images.to(input_dtype(engine))
-    if accum_freq == 1:
-        image_features, text_features, logit_scale = engine(images, texts)
-        total, per_dim = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
-        if not all_finite(total):
-            return total, per_dim, logit_scale, False
-        engine.backward(total)
-        engine.step()
-        return total, per_dim, logit_scale, True
-    image_chunks, text_chunks = images.chunk(accum_freq), texts.chunk(accum_freq)
-    with torch.no_grad():
-        cached = [tuple(x.float() for x in engine(i, t)[:2]) for i, t in zip(image_chunks, text_chunks)]
-    for j, (i, t) in enumerate(zip(image_chunks, text_chunks)):
-        image_j, text_j, logit_scale = engine(i, t)
-        if j > 0:
-            logit_scale = logit_scale.detach()
-        all_images = torch.cat([c[0] for c in cached[:j]] + [image_j.float()] + [c[0] for c in cached[j + 1:]])
-        all_texts = torch.cat([c[1] for c in cached[:j]] + [text_j.float()] + [c[1] for c in cached[j + 1:]])
-        total, per_dim = loss_fn(all_images, all_texts, logit_scale.float())
-        if j == 0 and not all_finite(total):
-            return total, per_dim, logit_scale, False
-        engine.backward(total, scale_wrt_gas=False)  # each pass is the whole batch's loss: no 1/accum scaling
-        engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
-    return total, per_dim, logit_scale, True
-
-
-def all_finite(loss) -> bool:
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def clamp_logit_scale(engine, max_value: float) -> None:
+def clamp_logit_scale(engine, max_value: float = LOGIT_SCALE_MAX) -> None:
+    """open_clip's clamp, on the fp32 master too: with bf16 weights the engine's copy is not what AdamW steps."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     param = engine.module.logit_scale
@@ -165,6 +134,10 @@ def latest_tag(ds_dir: Path):
     return tag if tag and (Path(ds_dir) / tag).is_dir() else None
 
 
+def step_tags(ds_dir: Path) -> list[tuple[int, Path]]:
+    return [(step, path) for step, path in step_checkpoints(ds_dir, STEP_TAG) if path.is_dir()]
+
+
 def save(engine, ds_dir: Path, step: int, client_state: dict, keep: int) -> str:
     """Every rank writes its part; then rank 0 points `latest` at it (atomically) and prunes old tags."""
     tag = step_tag(step)
@@ -172,28 +145,9 @@ def save(engine, ds_dir: Path, step: int, client_state: dict, keep: int) -> str:
     dist.barrier()
     if dist.get_rank() == 0:
         atomic_write(Path(ds_dir) / "latest", lambda tmp: Path(tmp).write_text(tag))
-        prune_tags(Path(ds_dir), keep)
+        prune_checkpoints(ds_dir, keep, STEP_TAG, spare=Path(ds_dir) / tag)
     dist.barrier()
     return tag
-
-
-def step_tags(ds_dir: Path) -> list[tuple[int, str]]:
-    if not Path(ds_dir).is_dir():
-        return []
-    found = []
-    for entry in os.listdir(ds_dir):
-        if entry.startswith(TAG_PREFIX) and entry[len(TAG_PREFIX):].isdigit() and (Path(ds_dir) / entry).is_dir():
-            found.append((int(entry[len(TAG_PREFIX):]), entry))
-    return sorted(found)
-
-
-def prune_tags(ds_dir: Path, keep: int) -> None:
-    if keep <= 0:
-        return
-    current = latest_tag(ds_dir)
-    for _, tag in step_tags(ds_dir)[:-keep]:
-        if tag != current:
-            shutil.rmtree(Path(ds_dir) / tag, ignore_errors=True)
 
 
 def load(engine, ds_dir: Path, tag: str) -> dict:
@@ -235,3 +189,75 @@ def quiet_stdout():
     """zero_to_fp32 prints its progress on every save; errors still raise."""
     with open(os.devnull, "w") as devnull, redirect_stdout(devnull), redirect_stderr(devnull):
         yield
+
+
+class DeepSpeedEngine:
+    """The same calls as plain_engine.PlainEngine, through a DeepSpeed engine. A step of --accum-freq micro-batches
+    is DeepSpeed's gradient accumulation: the engine reduces gradients and steps the optimizer at the boundary."""
+
+    def __init__(self, engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+        self.dtype = input_dtype(engine)
+
+    def __call__(self, images, texts):
+        return self.engine(images.to(self.dtype), texts)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def no_sync(self, last: bool):
+        return nullcontext()  # DeepSpeed reduces at the accumulation boundary by itself
+
+    def zero_grad(self) -> None:
+        pass  # DeepSpeed zeroes the gradients after each optimizer step by itself
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # each pass's loss is the whole step's: no 1/accum scaling
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only counts the micro-batch
+
+    def step(self) -> bool:
+        """The optimizer step. False when a gradient was not finite: ZeRO's optimizers check the gradient norm
+        (any stage, fp32 and bf16 alike), skip the update and zero the gradients, on every rank."""
+        self.engine.step()
+        if not self.engine.was_step_applied():
+            return False
+        clamp_logit_scale(self.engine)
+        return True
+
+    def save_checkpoint(self, checkpoint_dir: Path, step: int, payload: dict, keep: int) -> None:
+        """Every rank writes its part of checkpoint_dir/deepspeed/step_N (the open_clip-format step_N.pt comes at
+        the end only: export_model)."""
+        save(self.engine, Path(checkpoint_dir) / "deepspeed", step, payload, keep)
+
+    def last_checkpoint(self, checkpoint_dir: Path) -> Optional[Path]:
+        tag = latest_tag(Path(checkpoint_dir) / "deepspeed")
+        return Path(checkpoint_dir) / "deepspeed" / tag if tag else None
+
+    def resume(self, resume: Optional[str], checkpoint_dir: Path, dims: list, model_name: str) -> tuple:
+        """(step, run state, False: DeepSpeed keeps no RNG state) from --resume: 'latest' (DeepSpeed's newest
+        complete checkpoint of this run; none yet: a fresh start) or a checkpoint folder RUN/checkpoints/deepspeed/
+        step_N."""
+        if resume is None:
+            return 0, {}, False
+        if resume == "latest":
+            folder = self.last_checkpoint(checkpoint_dir)
+            if folder is None:
+                return 0, {}, False
+        else:
+            folder = Path(resume)
+        state = load(self.engine, folder.parent, folder.name)
+        if state.get("dims") not in (None, dims):
+            raise UserError(f"{folder} was trained with --dims {state['dims']}, not {dims}")
+        return int(state["step"]), {k: state[k] for k in RUN_STATE_KEYS if k in state}, False
+
+    def export_model(self, checkpoint_dir: Path, step: int):
+        """Rank 0, after the last save: the fp32 weights rebuilt from DeepSpeed's checkpoint, written as
+        checkpoint_dir/step_N.pt in open_clip's format (weights only) and returned as an open_clip model."""
+        from .. import models
+
+        checkpoint = open_clip_checkpoint(Path(checkpoint_dir) / "deepspeed", step_tag(step))
+        atomic_torch_save(checkpoint, Path(checkpoint_dir) / f"step_{step}.pt")
+        model = models.create(self.model_name)[0]
+        model.load_state_dict(checkpoint["state_dict"])
+        return model

@@ -6,9 +6,8 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from ..checkpoint import latest_checkpoint
 from ..errors import TrainingHalted
 
 # below this many samples read, one bad sample would already be a large fraction
@@ -18,8 +17,11 @@ MAX_PRINTED_BAD_SAMPLES = 20
 _printed_bad = 0
 
 
-def last_checkpoint_text(checkpoint_dir: Optional[Path]) -> str:
-    path = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+LastCheckpoint = Optional[Callable[[], Optional[Path]]]  # the newest checkpoint `--resume` takes, if any
+
+
+def last_checkpoint_text(last_checkpoint: LastCheckpoint) -> str:
+    path = last_checkpoint() if last_checkpoint else None
     return f"last checkpoint {path} is intact" if path else "no checkpoint was written"
 
 
@@ -40,12 +42,12 @@ class NonFiniteSteps:
         if self.in_row == 1:
             self.first_in_row = step
 
-    def check(self, step: int, checkpoint_dir: Optional[Path] = None) -> None:
+    def check(self, step: int, last_checkpoint: LastCheckpoint = None) -> None:
         if self.in_row >= self.max_in_row:
             raise TrainingHalted(
                 f"the loss or its gradient was not finite at steps {self.first_in_row}..{step} "
                 f"({self.in_row} in a row, --max-nonfinite-steps {self.max_in_row}); stopped at step {step}; "
-                f"{last_checkpoint_text(checkpoint_dir)} (lower --lr, or set --grad-clip-norm, then --resume)")
+                f"{last_checkpoint_text(last_checkpoint)} (lower --lr, or set --grad-clip-norm, then --resume)")
 
     def state_dict(self) -> dict:
         return {"in_row": self.in_row, "total": self.total, "first_in_row": self.first_in_row}
@@ -56,13 +58,13 @@ class NonFiniteSteps:
 
 
 def check_bad_fraction(bad: int, read: int, max_fraction: float, step: int, min_samples: int,
-                       checkpoint_dir: Optional[Path] = None) -> None:
+                       last_checkpoint: LastCheckpoint = None) -> None:
     """Stop once more than `max_fraction` of the samples read were bad (shard errors count as one each)."""
     if read < min_samples or bad <= max_fraction * read:
         return
     raise TrainingHalted(
         f"{bad} bad samples among {read} read ({100 * bad / read:.1f}%) exceed --max-bad-fraction {max_fraction}; "
-        f"stopped at step {step}; {last_checkpoint_text(checkpoint_dir)} (the bad samples are named in log.jsonl)")
+        f"stopped at step {step}; {last_checkpoint_text(last_checkpoint)} (the bad samples are named in log.jsonl)")
 
 
 def log_bad_samples(names: list, step: int, log_file=None) -> None:

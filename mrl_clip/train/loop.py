@@ -1,0 +1,189 @@
+"""One optimizer step and one epoch of mrl_clip.train, the same for both engines.
+
+An engine is what differs between plain PyTorch (DDP or one process) and DeepSpeed: how a forward is run, how a
+loss is back-propagated, how the optimizer steps, and the checkpoint format: plain_engine.PlainEngine and
+deepspeed_engine.DeepSpeedEngine. Everything else — accumulation, the loss, skipping non-finite steps, logging,
+the guards, when to checkpoint, pre-emption — is written once, here.
+"""
+import json
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+from .agree import RankAgreement
+from .data import StreamPosition, make_train_stream
+from .guards import BAD_FRACTION_MIN_SAMPLES, NonFiniteSteps, check_bad_fraction, log_bad_samples
+
+
+@dataclass
+class StepResult:
+    loss: float
+    per_dim: dict
+    logit_scale: float  # exp(logit_scale) as the loss used it
+    skipped: bool = False
+
+
+def all_ranks_finite(loss) -> bool:
+    """Whether the loss is finite on every rank, so that all ranks skip a step together."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def train_step(engine, loss_fn, batches: list, autocast: Callable = nullcontext) -> StepResult:
+    """One optimizer step over `batches` ([(images, texts)], --accum-freq of them). With several, open_clip's
+    scheme: every batch's features are computed without gradients first, then each batch is re-encoded with
+    gradients and the loss sees all batches' features, so the gradient is that of one batch of all their samples.
+    Unlike open_clip, logit_scale takes its gradient from one pass only (else it would count accum_freq times).
+    The loss runs in fp32 whatever the towers' precision. A non-finite loss skips the step on every rank before
+    any backward; a non-finite gradient is the engine's to skip."""
+    engine.zero_grad()
+    if len(batches) > 1:
+        with torch.no_grad(), autocast():
+            cached = [[f.float() for f in engine(images, texts)[:2]] for images, texts in batches]
+    for j, (images, texts) in enumerate(batches):
+        with engine.no_sync(last=j == len(batches) - 1):
+            with autocast():
+                image_features, text_features, logit_scale = engine(images, texts)
+                if j > 0:
+                    logit_scale = logit_scale.detach()
+                if len(batches) > 1:
+                    image_features = torch.cat([c[0] for c in cached[:j]] + [image_features.float()] +
+                                               [c[0] for c in cached[j + 1:]])
+                    text_features = torch.cat([c[1] for c in cached[:j]] + [text_features.float()] +
+                                              [c[1] for c in cached[j + 1:]])
+                total, per_dim = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+            if j == 0:
+                result = StepResult(float(total.detach()), {m: float(v) for m, v in per_dim.items()},
+                                    float(logit_scale.detach().float().reshape(-1)[0]))
+                if not all_ranks_finite(total):
+                    result.skipped = True
+                    return result
+            engine.backward(total)
+    result.skipped = not engine.step()
+    return result
+
+
+@dataclass
+class Run:
+    """What one training run carries from step to step (made by main.py)."""
+    args: object                    # the parsed flags, with rank, world_size and device set
+    engine: object                  # PlainEngine or DeepSpeedEngine
+    loss_fn: Callable
+    autocast: Callable
+    schedule: Callable              # step -> lr (sets it on the optimizer)
+    preprocess: Callable
+    tokenizer: Callable
+    steps_per_epoch: int
+    total_steps: int
+    run_dir: Path
+    position: StreamPosition        # this rank's place in the data stream
+    nonfinite: NonFiniteSteps
+    agreement: RankAgreement        # pre-emption and bad-data totals, alike on every rank
+    save: Callable                  # save(run): a checkpoint at run.step
+    step: int = 0
+    log_file: Optional[object] = None
+    progress: Optional[object] = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def last_checkpoint(self) -> Optional[Path]:
+        return self.engine.last_checkpoint(self.checkpoint_dir)
+
+
+def epoch_batches(run: Run, epoch: int, done_steps: int):
+    """The loader of `epoch`, continued after `done_steps` of its optimizer steps (exactly where they stopped
+    when the checkpoint holds this layout's stream position; else by batch count)."""
+    args, position = run.args, run.position
+    done_batches = done_steps * args.accum_freq
+    position.start_epoch(epoch)
+    resumed = position.batches == done_batches > 0
+    stream = make_train_stream(
+        args.train_data, run.preprocess, run.tokenizer, args.batch_size, args.train_num_samples, epoch,
+        seed=args.seed, workers=args.workers, rank=args.rank, world_size=args.world_size,
+        resampled=args.dataset_resampled, accum_freq=args.accum_freq, skip_batches=done_batches,
+        consumed=position.consumed if resumed else None, bad=position.bad if resumed else None)
+    position.batches = done_batches
+    return iter(stream.loader)
+
+
+def train_one_epoch(run: Run, epoch: int) -> bool:
+    """The steps of `epoch` from run.step on. False when pre-empted (after saving a checkpoint)."""
+    args = run.args
+    start = run.step
+    steps = min((epoch + 1) * run.steps_per_epoch, run.total_steps) - start
+    batches = epoch_batches(run, epoch, start - epoch * run.steps_per_epoch)
+    t_data = time.perf_counter()
+    for _ in range(steps):
+        group = list(islice(batches, args.accum_freq))
+        if len(group) < args.accum_freq:
+            break
+        for _, _, report in group:
+            log_bad_samples(run.position.update(report), run.step + 1, run.log_file)
+        device = args.device
+        group = [(i.to(device, non_blocking=True), t.to(device, non_blocking=True)) for i, t, _ in group]
+        lr = run.schedule(run.step)
+        t_step = time.perf_counter()
+        result = train_step(run.engine, run.loss_fn, group, run.autocast)
+        run.step += 1
+        run.nonfinite.update(run.step, result.skipped)
+        log_step(run, epoch, lr, result, t_data, t_step)
+        if not after_step(run):
+            return False
+        t_data = time.perf_counter()
+    if run.step == start:
+        raise UserError(f"the shards yielded no usable sample (every image undecodable or without a caption?): "
+                        f"{args.train_data}")
+    return True
+
+
+def after_step(run: Run) -> bool:
+    """Pre-emption, the guards, and the periodic checkpoint. False when pre-empted."""
+    agreed = run.agreement.exchange(run.position.bad_samples, run.position.samples_read)
+    if agreed.preempted and run.step < run.total_steps:
+        run.save(run)
+        if run.args.rank == 0:
+            print(f"pre-empted: checkpoint at step {run.step} of {run.total_steps}; resume with --resume latest",
+                  file=sys.stderr)
+        return False
+    try:
+        run.nonfinite.check(run.step, run.last_checkpoint)
+        check_bad_fraction(agreed.bad_samples, agreed.samples_read, run.args.max_bad_fraction, run.step,
+                           min(BAD_FRACTION_MIN_SAMPLES, run.args.train_num_samples), run.last_checkpoint)
+    except UserError:
+        if run.progress is not None:
+            run.progress.close()
+        raise
+    # not inside a run of skipped steps: the newest checkpoint stays one taken after a finite step
+    if run.step % run.args.save_every_n_steps == 0 and run.step < run.total_steps and run.nonfinite.in_row == 0:
+        run.save(run)
+    return True
+
+
+def log_step(run: Run, epoch: int, lr: float, result: StepResult, t_data: float, t_step: float) -> None:
+    if run.progress is not None:
+        run.progress.update(1)
+    if run.log_file is None or not (run.step % run.args.log_every_n_steps == 0 or run.step == run.total_steps):
+        return
+    now = time.perf_counter()
+    step_samples = run.args.batch_size * run.args.accum_freq * run.args.world_size
+    record = {"step": run.step, "epoch": epoch, "lr": lr, "loss": result.loss,
+              "loss_dim": {str(m): v for m, v in result.per_dim.items()}, "logit_scale": result.logit_scale,
+              "samples_per_s": step_samples / max(now - t_data, 1e-9), "step_s": now - t_step,
+              "bad_samples": run.position.bad_samples, "samples_read": run.position.samples_read,
+              "skipped_step": result.skipped, "skipped_steps": run.nonfinite.total}
+    run.log_file.write(json.dumps(record) + "\n")
+    run.log_file.flush()
+    if run.progress is not None:
+        run.progress.set_postfix_str(" ".join(f"{m}:{v:.3f}" for m, v in result.per_dim.items()))
