@@ -10,9 +10,11 @@ from PIL import Image
 from mrl_clip.errors import UserError
 from mrl_clip.train.data import (
     StreamPosition,
+    batches_per_epoch,
     batches_per_worker_done,
     count_samples,
     make_train_stream,
+    rank_shards,
     resolve_shards,
 )
 from pipelines.shards import write_shards
@@ -150,3 +152,50 @@ def test_resume_from_a_stream_position_continues_bitwise(resampled, tmp_path):
                                               workers=0).loader))
     first = next(iter(stream(pattern, 160, batch_size=8, seed=5, workers=0).loader))
     assert not torch.equal(first[0], other_epoch[0])
+
+
+def captioned_shards(folder, shards=4, per_shard=40):
+    """Shards of distinct captions 'caption N', N = shard * per_shard + i: a sample's tokens name it."""
+    def samples():
+        for n in range(shards * per_shard):
+            buf = io.BytesIO()
+            Image.new("L", (28, 28), color=n % 250).save(buf, format="PNG")
+            yield {"__key__": f"s{n:04d}", "png": buf.getvalue(), "txt": f"caption {n}"}
+
+    write_shards(samples(), folder, "cap", shard_size=per_shard)
+    return str(folder / f"cap-{{0000..{shards - 1:04d}}}.tar")
+
+
+def test_two_ranks_read_disjoint_samples_that_cover_the_epoch_from_the_shards_they_name(tmp_path):
+    """Each rank's stream (the trainer's own rank and world size, not environment variables) reads its share of
+    the epoch's shuffled shards: the ranks' samples are disjoint, together they are every sample, and each comes
+    from a shard that rank_shards — the trainer's 'reads shards' line — names for that rank."""
+    pattern = captioned_shards(tmp_path)
+    tokenizer = open_clip.get_tokenizer(TINY)
+    caption_of = {tuple(tokenizer(f"caption {n}")[0].tolist()): n for n in range(160)}
+    read = {}
+    for rank in (0, 1):
+        batches = list(stream(pattern, 160, batch_size=8, seed=3, workers=0, rank=rank, world_size=2).loader)
+        read[rank] = [caption_of[tuple(row.tolist())] for _, texts, _ in batches for row in texts]
+        named = {int(url.rsplit("-", 1)[1][:4]) for url in rank_shards(pattern, 3, 0, rank, 2)}
+        assert {n // 40 for n in read[rank]} == named, (rank, named)
+    assert len(read[0]) == len(set(read[0])) == 80 and len(read[1]) == len(set(read[1])) == 80
+    assert set(read[0]).isdisjoint(read[1]) and set(read[0]) | set(read[1]) == set(range(160))
+    # another epoch shuffles the shards anew: the line is per epoch
+    assert any(rank_shards(pattern, 3, epoch, 0, 2) != rank_shards(pattern, 3, 0, 0, 2) for epoch in range(1, 6))
+
+
+def test_rank_shards_list_a_missing_shard_the_trainer_tolerates(tmp_path):
+    pattern = captioned_shards(tmp_path).replace("0003}", "0004}")  # cap-0004.tar does not exist
+    named = rank_shards(pattern, 0, 0, 0, 2) + rank_shards(pattern, 0, 0, 1, 2)
+    assert sorted(named) == [str(tmp_path / f"cap-{i:04d}.tar") for i in range(5)]
+
+
+@pytest.mark.parametrize("samples,batch,world,workers,accum,expected", [
+    (1000, 100, 1, 1, 2, 10),   # the issue's example: 10 batches, 5 optimizer steps
+    (1000, 100, 1, 2, 3, 12),   # 10 batches rounded up to whole rounds of 2 workers and whole steps of 3
+    (2048, 32, 2, 2, 1, 32),    # open_clip's rule without accumulation
+    (100, 32, 1, 0, 4, 4),      # workers=0 is one worker
+])
+def test_batches_per_epoch_are_whole_worker_rounds_and_whole_steps(samples, batch, world, workers, accum, expected):
+    assert batches_per_epoch(samples, batch, world, workers, accum) == expected

@@ -1,6 +1,8 @@
 import json
+import math
 import subprocess
 import sys
+
 import open_clip
 import pytest
 import torch
@@ -98,15 +100,117 @@ def test_resume_latest_continues_from_the_last_checkpoint(fmnist_data, tmp_path)
 
 @pytest.mark.slow
 def test_torchrun_two_gloo_ranks(fmnist_data, tmp_path):
+    """DDP on 2 gloo ranks, with accumulation (DDP's no_sync) and a missing shard that --max-bad-fraction
+    tolerates: every rank lists the shards it reads, and the two lists split the five shards between them."""
+    with_missing = fmnist_data["train"].replace("0003}", "0004}")  # train-0004.tar does not exist
     result = run_module("torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "-m",
-                        "mrl_clip.train", "--model", TINY, "--train-data", fmnist_data["train"],
-                        "--dims", "16,64,256", "--batch-size", "32", "--epochs", "1", "--workers", "1",
-                        "--threads", "1", "--local-loss", "--gather-with-grad", "--output-dir", tmp_path,
-                        "--name", "ddp", "--max-steps", "6", "--log-every-n-steps", "1")
+                        "mrl_clip.train", "--model", TINY, "--train-data", with_missing, "--train-num-samples", "2048",
+                        "--max-bad-fraction", "0.25", "--dims", "16,64,256", "--batch-size", "32", "--accum-freq",
+                        "2", "--epochs", "1", "--workers", "1", "--threads", "1", "--local-loss",
+                        "--gather-with-grad", "--output-dir", tmp_path, "--name", "ddp", "--max-steps", "6",
+                        "--log-every-n-steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
+    reads = [line.split("reads shards: ")[1].split() for line in result.stderr.splitlines() if "reads shards: " in line]
+    assert len(reads) == 2 and not set(reads[0]) & set(reads[1])
+    assert sorted(reads[0] + reads[1]) == [fmnist_data["train"].split("{")[0] + f"{i:04d}.tar" for i in range(5)]
     records = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))  # rank 0 alone writes the log
     assert records[0]["samples_per_s"] > 0
     checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "step_6.pt", weights_only=True)
     assert checkpoint["world_size"] == 2
     assert not any(k.startswith("module.") for k in checkpoint["state_dict"])
+
+
+def train_cli(fmnist_data, logs, name, *extra):
+    result = run_module("mrl_clip.train", "--model", TINY, "--train-data", fmnist_data["train"], "--dims", "32,256",
+                        "--workers", "0", "--threads", "1", "--logs", logs, "--name", name, "--log-every-n-steps", "1",
+                        *extra)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in (logs / name / "log.jsonl").read_text().splitlines()]
+
+
+def test_accum_freq_takes_k_loader_batches_per_step(fmnist_data, tmp_path):
+    """open_clip's meaning: 1,000 samples, --batch-size 100 --accum-freq 2 --epochs 1 is 5 optimizer steps of
+    2 x 100 samples (the stream position after the run: 10 batches, 1,000 samples read)."""
+    records = train_cli(fmnist_data, tmp_path, "accum", "--train-num-samples", "1000", "--batch-size", "100",
+                        "--accum-freq", "2", "--epochs", "1")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    (position,) = torch.load(tmp_path / "accum" / "checkpoints" / "step_5.pt", weights_only=True)["data"]
+    assert position["batches"] == 10 and position["consumed"] == {0: 1000}
+
+
+def test_dim_weights_from_the_command_line_weigh_each_dims_loss(fmnist_data, tmp_path):
+    records = train_cli(fmnist_data, tmp_path, "weighted", "--dim-weights", "2,0.5", "--batch-size", "32",
+                        "--max-steps", "2")
+    for r in records:
+        expected = 2 * r["loss_dim"]["32"] + 0.5 * r["loss_dim"]["256"]
+        # the weights are powers of two (exact products): the float32 total is one rounded addition away
+        assert abs(r["loss"] - expected) <= 2 ** -24 * expected, r
+    params = json.loads((tmp_path / "weighted" / "params.json").read_text())
+    assert params["dim_weights"] == [2.0, 0.5]
+
+
+def test_grad_clip_norm_scales_the_gradient_to_the_norm():
+    """torch's clip_grad_norm_ rule, recomputed in float64 from the unclipped gradient: g * min(1, c / (|g| +
+    1e-6)). The float32 norm sums n squares (relative error <= n u), the coefficient and product add a few u."""
+    def grads_after_step(clip):
+        model = Towers()
+        engine = PlainEngine(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.amp.GradScaler(enabled=False),
+                             grad_clip_norm=clip)
+        g = torch.Generator().manual_seed(7)
+        train_step(engine, MatryoshkaClipLoss([4, 16]), [(torch.randn(8, 10, generator=g),
+                                                          torch.randn(8, 12, generator=g))])
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    unclipped = grads_after_step(None)
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in unclipped.values())).item()
+    n, u = sum(g.numel() for g in unclipped.values()), 2.0 ** -24
+    clipped = grads_after_step(norm / 10)
+    for name, g in unclipped.items():
+        expected = g.double() * (norm / 10) / (norm + 1e-6)
+        assert ((clipped[name].double() - expected).abs() <= (n + 4) * u * expected.abs()).all(), name
+    assert all(torch.equal(g, unclipped[name]) for name, g in grads_after_step(2 * norm).items())
+
+
+@pytest.mark.parametrize("precision,low", [("amp", torch.float16), ("amp_bf16", torch.bfloat16)])
+def test_amp_precisions_run_the_towers_low_and_the_loss_in_fp32(precision, low):
+    """On the CPU, where torch autocasts both: the towers' features come out in the low precision, the loss
+    gets fp32 features, the weights stay fp32 and move; GradScaler is on for amp (fp16) only."""
+    from open_clip_train.precision import get_autocast
+
+    model = open_clip.create_model(TINY)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "amp")
+    engine = PlainEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), scaler)
+    seen = {}
+
+    def loss_fn(image_features, text_features, logit_scale):
+        seen["loss"] = image_features.dtype
+        return MatryoshkaClipLoss(TINY_DIMS)(image_features, text_features, logit_scale)
+
+    def record_towers(module, inputs, outputs):
+        seen["towers"] = outputs[0].dtype
+
+    model.register_forward_hook(record_towers)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 3, 28, 28, generator=g), torch.randint(1, 1000, (16, 16), generator=g))
+    # fp16 gradients overflow at GradScaler's first scales (2^16 down): it halves the scale and skips the update
+    # itself, which the trainer does not count as a skipped step
+    for _ in range(12):
+        result = train_step(engine, loss_fn, [batch], get_autocast(precision, device_type="cpu"))
+        assert seen == {"towers": low, "loss": torch.float32} and not result.skipped
+        if not torch.equal(model.visual.conv1.weight, before["visual.conv1.weight"]):
+            break
+    assert not torch.equal(model.visual.conv1.weight, before["visual.conv1.weight"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert scaler.is_enabled() == (precision == "amp")
+
+
+@pytest.mark.parametrize("precision", ["amp", "amp_bf16"])
+def test_amp_precision_flags_train_end_to_end(fmnist_data, tmp_path, precision):
+    records = train_cli(fmnist_data, tmp_path, precision, "--precision", precision, "--batch-size", "32",
+                        "--max-steps", "3")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    checkpoint = torch.load(tmp_path / precision / "checkpoints" / "step_3.pt", weights_only=True)
+    assert ("scaler" in checkpoint) == (precision == "amp")

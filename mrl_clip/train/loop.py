@@ -54,7 +54,7 @@ def train_step(engine, loss_fn, batches: list, autocast: Callable = nullcontext)
         with engine.no_sync(last=j == len(batches) - 1):
             with autocast():
                 image_features, text_features, logit_scale = engine(images, texts)
-                if j > 0:
+                if j < len(batches) - 1:  # the last pass, which DDP synchronises, gives logit_scale's gradient
                     logit_scale = logit_scale.detach()
                 if len(batches) > 1:
                     image_features = torch.cat([c[0] for c in cached[:j]] + [image_features.float()] +
