@@ -11,10 +11,17 @@ from . import MODEL_CONFIG_DIR  # noqa: F401  (registers our model configs)
 from .checkpoint import refused_pickle
 from .errors import UserError
 
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder (open_clip_config.json + weights)
+
+
+def local_dir(name: str) -> Optional[Path]:
+    """The folder of a `local-dir:PATH` model name; None for any other name."""
+    return Path(name[len(LOCAL_DIR):]) if name.startswith(LOCAL_DIR) else None
+
 
 def model_config(name: str) -> dict:
-    if name.startswith("local-dir:"):
-        config_path = Path(name[len("local-dir:"):]) / "open_clip_config.json"
+    if local_dir(name) is not None:
+        config_path = local_dir(name) / "open_clip_config.json"
         if not config_path.is_file():
             raise UserError(f"{name}: no open_clip_config.json in that folder")
         return json.loads(config_path.read_text())["model_cfg"]
@@ -34,7 +41,7 @@ def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", pre
     """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name, `local-dir:PATH`, or a name
     plus a checkpoint file."""
     model_config(name)  # unknown names fail here with a clear message
-    if pretrained and not name.startswith("local-dir:"):
+    if pretrained and local_dir(name) is None:
         if not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise UserError(f"checkpoint not found: {pretrained}")
     try:

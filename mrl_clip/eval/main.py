@@ -73,7 +73,7 @@ def parse_args(argv=None):
 
 def short_labels(names: list) -> list:
     """The shortest path suffixes that tell the models apart ('mrl/export' rather than a long local-dir path)."""
-    parts = [Path(n.replace("local-dir:", "")).parts or (n,) for n in names]
+    parts = [(models.local_dir(n) or Path(n)).parts or (n,) for n in names]
     for depth in range(1, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels):
@@ -178,8 +178,8 @@ def heads_path(args, name, pretrained, kind) -> Path:
         folder = Path(args.heads_dir)
     elif pretrained:
         folder = Path(pretrained).parent / f"{Path(pretrained).stem}.heads"
-    elif name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:"):]) / "heads"
+    elif models.local_dir(name) is not None:
+        folder = models.local_dir(name) / "heads"
     else:
         folder = Path("heads") / name
     return folder / f"{kind}.safetensors"

@@ -24,6 +24,7 @@ from ..dims import check_dims, check_weights
 from ..errors import UserError
 from ..files import atomic_torch_save
 from ..heads import MRLHeads
+from ..models import local_dir
 from .zeroshot import top1_top5
 
 KINDS = ("mrl", "mrl-e", "fixed")
@@ -172,8 +173,7 @@ def select_and_train(train_x, train_y, dims, num_classes, kind, grid=None, val_f
 def checkpoint_identity(checkpoint) -> dict:
     """What makes a checkpoint distinct for caching: a file's resolved path + size + mtime_ns, a folder's
     (a `local-dir:` export) files likewise, or otherwise the string itself (a pretrained tag such as 'openai')."""
-    text = str(checkpoint)
-    path = Path(text[len("local-dir:"):] if text.startswith("local-dir:") else text)
+    path = local_dir(str(checkpoint)) or Path(str(checkpoint))
     if path.is_file():
         st = path.stat()
         return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -181,7 +181,7 @@ def checkpoint_identity(checkpoint) -> dict:
         files = sorted(p for p in path.rglob("*") if p.is_file())
         return {"path": str(path.resolve()),
                 "files": [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-    return {"name": text}
+    return {"name": str(checkpoint)}
 
 
 def cache_path(cache_dir, key: dict) -> Path:
