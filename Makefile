@@ -41,7 +41,7 @@ cluster-stop:
 
 # Each benchmark prints a table and writes benchmarks/results/<name>.json (machine and load included). The first
 # run trains the funnel benchmark's model and embeds 1M images (cached under runs/bench/); later runs only search.
-BENCHES := loss_overhead eval_dims loader funnel
+BENCHES := loss_overhead eval_dims loader funnel deepspeed_save
 
 bench: setup
 	for b in $(BENCHES); do $(PY) benchmarks/$$b.py || exit 1; done

@@ -81,19 +81,26 @@ def ds_run(fmnist_data, tmp_path_factory):
 
 
 def test_deepspeed_run_writes_open_clip_checkpoints_and_converts(ds_run, tmp_path):
+    """DeepSpeed keeps its own checkpoints at every save; the run's last step is also rebuilt as an open_clip
+    checkpoint and export. convert_deepspeed rebuilds any kept step the same way."""
     import open_clip
 
     ds_dir = ds_run / "checkpoints" / "deepspeed"
     assert (ds_dir / "latest").read_text() == f"step_{STEPS}"
     assert (ds_dir / "step_2").is_dir()
-    result = run_module("mrl_clip.convert_deepspeed", ds_dir, "--tag", "step_2", "--out", tmp_path / "conv")
-    assert result.returncode == 0, result.stderr[-2000:]
-    converted = torch.load(tmp_path / "conv" / "step_2.pt", weights_only=True)
-    written = weights(ds_run, 2)
-    assert converted["step"] == 2 and converted["model"] == TINY and converted["dims"] == TINY_DIMS
+    assert sorted(p.name for p in (ds_run / "checkpoints").glob("step_*.pt")) == [f"step_{STEPS}.pt"]
+    written = weights(ds_run, STEPS)
+    for tag in ("step_2", f"step_{STEPS}"):
+        result = run_module("mrl_clip.convert_deepspeed", ds_dir, "--tag", tag, "--out", tmp_path / tag)
+        assert result.returncode == 0, result.stderr[-2000:]
+    converted = torch.load(tmp_path / f"step_{STEPS}" / f"step_{STEPS}.pt", weights_only=True)
+    assert converted["step"] == STEPS and converted["model"] == TINY and converted["dims"] == TINY_DIMS
     for name, value in written.items():
         assert torch.equal(converted["state_dict"][name], value), name
-    exported = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'conv' / 'export'}")[0]
+    earlier = torch.load(tmp_path / "step_2" / "step_2.pt", weights_only=True)
+    assert earlier["step"] == 2 and not torch.equal(earlier["state_dict"]["text_projection"],
+                                                    written["text_projection"])
+    exported = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / f'step_{STEPS}' / 'export'}")[0]
     for name, value in exported.state_dict().items():
         if name in written:
             assert torch.equal(value, written[name]), name
