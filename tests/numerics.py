@@ -38,9 +38,11 @@ weights) is 10-100x above it: see tests/test_numerics.py.
 import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+U16 = 2.0 ** -11
 U32 = 2.0 ** -24
 U64 = 2.0 ** -53
 LAMBDA = 9.0
@@ -71,6 +73,32 @@ def loss_tolerance(scale, dims, weights, batch, u=U32, feature_error=0.0):
         magnitude = gamma(batch + len(dims) + 2, u) * (2 * scale + math.log(batch))
         total += abs(w) * (2 * logit_error + rounding + magnitude)
     return total
+
+
+def cosine_tolerance(dim, u=U32):
+    """Worst-case |computed - exact| of the cosine of two dim-vectors, each L2-normalised then dotted in float: a
+    norm (sum of squares, sqrt) and a division leave each coordinate within gamma(dim + 3) relative, so each unit
+    vector moves by that much; the dot product of unit vectors adds gamma(dim) * sum|a_k b_k| <= gamma(dim); or the
+    rows are dotted first and divided by their norms after, the same terms in another order:
+    gamma(dim) + 2 gamma(dim + 3) <= gamma(3 dim + 6)."""
+    return gamma(3 * dim + 6, u)
+
+
+def float16_cosine_error(dim):
+    """Storing a unit vector in float16 moves each coordinate by at most U16 relative (2^-25 absolute below
+    float16's normal range); re-normalised, its cosine with any unit vector moves by at most twice its relative
+    distance: 2 (U16 + 2^-25 sqrt(dim))."""
+    return 2 * (U16 + 2.0 ** -25 * math.sqrt(dim))
+
+
+def assert_top_k_within(ids, exact_scores, tolerance):
+    """ids[q] are a best-k list of exact_scores[q] as computed with scores within `tolerance` of exact: distinct, and
+    the r-th has an exact score within 2 * tolerance of the exact r-th best (order statistics move by at most the
+    largest score error). With no near-ties that is: the same ids as the exact top-k."""
+    best = -np.sort(-exact_scores, axis=1)[:, :ids.shape[1]]
+    for q, row in enumerate(ids):
+        assert len(set(row.tolist())) == len(row), (q, row)
+        assert np.all(np.abs(exact_scores[q, row] - best[q]) <= 2 * tolerance), (q, row, exact_scores[q, row], best[q])
 
 
 def update_tolerance(before, grad, lr):
