@@ -1,11 +1,18 @@
-"""One DeepSpeed ZeRO-2 step's gradients on this rank's half of a fixed batch (run with srun -n 2).
+"""MRL-Tiny-28 through a DeepSpeed ZeRO engine: each step's gradient and its SGD step, written to a file.
 
-Every rank builds the same MRL-Tiny-28, takes rows [rank*B, (rank+1)*B) of a seeded batch of 2B, computes the
-Matryoshka loss with gathered features (gather-with-grad, local loss) and back-propagates through the engine;
-rank 0 saves DeepSpeed's full (rank-averaged) gradient of every parameter to OUT."""
-import sys
+    python tests/ds_grad_probe.py OUT [--stage 2] [--accum 1] [--steps 1] [--batch 8] [--lr 0]
+
+One process, or several ranks (srun -n 2, torchrun --nproc_per_node 2): every rank builds the same seeded model
+(logit scale 1, see tests/numerics.py), takes its rows [rank*B, (rank+1)*B) of each step's seeded batch of
+world*B pairs and computes the Matryoshka loss on gathered features (gather-with-grad, local loss) when there are
+several ranks. With --accum A it accumulates open_clip's way: features of every micro-batch cached without grad,
+then one pass per micro-batch with the whole batch's loss (its own features live, the others cached), logit_scale's
+gradient from the first pass only, no 1/A scaling. Rank 0 saves, per step, the fp32 weights the step started from
+and DeepSpeed's full (rank-averaged) gradient after the last backward; then the engine takes the SGD step."""
+import argparse
 
 import torch
+import torch.distributed as dist
 from open_clip_train.distributed import init_distributed_device_so
 
 from mrl_clip import models
@@ -16,8 +23,8 @@ DIMS = [8, 32, 256]
 BATCH = 8  # per rank
 
 
-def seeded_batch(n):
-    g = torch.Generator().manual_seed(1)
+def seeded_batch(n, step=0):
+    g = torch.Generator().manual_seed(1 + step)
     return torch.randn(n, 3, 28, 28, generator=g), torch.randint(1, 1000, (n, 16), generator=g)
 
 
@@ -25,29 +32,97 @@ def seeded_model():
     torch.manual_seed(0)
     model = models.create("MRL-Tiny-28")[0]
     ds_engine.vector_logit_scale(model)
+    with torch.no_grad():
+        model.logit_scale.zero_()
     return model
 
 
-def main(out):
-    from deepspeed.utils import safe_get_full_grad
+def backward(engine, loss_fn, images, texts, accum):
+    """The step's backward passes; engine.step() after all but the last (DeepSpeed counts micro-steps there)."""
+    if accum == 1:
+        engine.backward(loss_fn(*engine(images, texts))[0])
+        return
+    chunks = list(zip(images.chunk(accum), texts.chunk(accum)))
+    with torch.no_grad():
+        cached = [engine(i, t)[:2] for i, t in chunks]
+    for j, (i, t) in enumerate(chunks):
+        image_j, text_j, logit_scale = engine(i, t)
+        if j > 0:
+            logit_scale = logit_scale.detach()
+        features = cached[:j] + [(image_j, text_j)] + cached[j + 1:]
+        total, _ = loss_fn(torch.cat([f[0] for f in features]), torch.cat([f[1] for f in features]), logit_scale)
+        engine.backward(total, scale_wrt_gas=False)
+        if j < accum - 1:
+            engine.step()
 
-    info = init_distributed_device_so(device="cpu")
-    rank, world = info["global_rank"], info["world_size"]
+
+def check(run, label):
+    """What the maths guarantees about a probe's output, for any ZeRO stage, ranks and accumulation: it starts from
+    the seeded weights; each step's gradient is within tests/numerics.py's float32 bound of the float64 gradient of
+    one process on the joined batch, at the weights the engine reports for that step (the plain float32 loop is
+    held to the same bound); each step moves the weights by -lr times that gradient, to gamma_2 (two roundings).
+    Returns the worst ratio error / bound over the steps."""
+    from tests import numerics
+
+    model, world = seeded_model(), run["world_size"]
+    for name, param in model.named_parameters():
+        assert torch.equal(run["steps"][0]["weights"][name], param.detach()), name
+    loss_fn = MatryoshkaClipLoss(DIMS)
+    worst = 0.0
+    for step, record in enumerate(run["steps"]):
+        model.load_state_dict(record["weights"])
+        batch = seeded_batch(run["batch"] * world, step)
+        grads, tolerances, _ = numerics.reference(model, batch, loss_fn, DIMS, loss_fn.weights, ranks=world,
+                                                  micro_batches=run["accum"])
+        worst = max(worst, numerics.assert_gradients_within(record["grads"], grads, tolerances, f"{label} {step}"))
+        model.zero_grad()
+        loss_fn(*model(*batch))[0].backward()
+        plain = {name: param.grad for name, param in model.named_parameters()}
+        numerics.assert_gradients_within(plain, grads, tolerances, f"plain loop, step {step}")
+        after = run["steps"][step + 1]["weights"] if step + 1 < len(run["steps"]) else run["final"]
+        for name, before in record["weights"].items():
+            grad = record["grads"][name]
+            error = (after[name].double() - (before.double() - run["lr"] * grad.double())).abs()
+            assert (error <= numerics.update_tolerance(before, grad, run["lr"])).all(), (label, step, name)
+    return worst
+
+
+def main(argv=None):
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--lr", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    init_distributed_device_so(device="cpu")
+    ds_engine.ensure_process_group(torch.device("cpu"))
+    rank, world = dist.get_rank(), dist.get_world_size()
     model = seeded_model()
-    config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1,
-              "train_batch_size": BATCH * world, "zero_optimization": {"stage": 2}, "gradient_clipping": 0.0,
-              "zero_allow_untested_optimizer": True}
-    engine, _ = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=0.0), config)
-    images, texts = seeded_batch(BATCH * world)
-    rows = slice(rank * BATCH, (rank + 1) * BATCH)
-    loss_fn = MatryoshkaClipLoss(DIMS, local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
-    total, _ = loss_fn(*engine(images[rows], texts[rows]))
-    engine.backward(total)
-    grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
+    config = {"train_micro_batch_size_per_gpu": args.batch // args.accum, "gradient_accumulation_steps": args.accum,
+              "train_batch_size": args.batch * world, "zero_optimization": {"stage": args.stage},
+              "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+    engine, _ = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=args.lr), config)
+    loss_fn = MatryoshkaClipLoss(DIMS, local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world)
+    steps = []
+    for step in range(args.steps):
+        weights = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+        images, texts = seeded_batch(args.batch * world, step)
+        rows = slice(rank * args.batch, (rank + 1) * args.batch)
+        backward(engine, loss_fn, images[rows], texts[rows], args.accum)
+        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+        engine.step()
+        steps.append({"weights": weights, "grads": grads})
+    final = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
     if rank == 0:
-        torch.save({"world_size": world, "grads": grads}, out)
-    torch.distributed.barrier()
+        torch.save({"world_size": world, "batch": args.batch, "accum": args.accum, "lr": args.lr, "steps": steps,
+                    "final": final}, args.out)
+    dist.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

@@ -9,6 +9,7 @@ import pytest
 from mrl_clip.errors import UserError
 from mrl_clip.search.index import EmbeddingIndex, parse_funnel
 from pipelines import fashion_mnist
+from tests import numerics
 from tests.conftest import TINY, run_module
 
 WIDTH = 96
@@ -50,9 +51,10 @@ def test_exact_search_matches_float64_brute_force(data, dtype, dim):
     index = EmbeddingIndex(database, dtype)
     assert index.vectors.dtype == np.dtype(dtype) and index.vectors.shape == database.shape
     result = index.search(queries, k=10, dim=dim)
-    ids, scores = brute_topk(cosine64(stored_rows(index), queries, dim), 10)
-    np.testing.assert_array_equal(result.ids, ids)
-    np.testing.assert_allclose(result.scores, scores, atol=2e-6)
+    exact = cosine64(stored_rows(index), queries, dim)
+    numerics.assert_top_k_within(result.ids, exact, numerics.cosine_tolerance(dim))
+    np.testing.assert_allclose(result.scores, np.take_along_axis(exact, result.ids, 1), rtol=0,
+                               atol=numerics.cosine_tolerance(dim))
 
 
 def test_float16_storage_halves_memory_and_keeps_the_ranking(data):
@@ -60,7 +62,8 @@ def test_float16_storage_halves_memory_and_keeps_the_ranking(data):
     full, half = EmbeddingIndex(database, "float32"), EmbeddingIndex(database, "float16")
     assert half.vectors.nbytes * 2 == full.vectors.nbytes
     a, b = full.search(queries, 10), half.search(queries, 10)
-    np.testing.assert_allclose(a.scores, b.scores, atol=2e-3)
+    bound = numerics.float16_cosine_error(WIDTH) + 2 * numerics.cosine_tolerance(WIDTH)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=bound)
     assert np.mean(a.ids == b.ids) > 0.95
 
 
@@ -71,26 +74,31 @@ def test_funnel_with_full_width_stage_one_is_exact_search(data, dtype, funnel):
     index = EmbeddingIndex(database, dtype)
     exact = index.search(queries, k=10)
     result = index.funnel_search(queries, parse_funnel(funnel, WIDTH))
-    np.testing.assert_array_equal(result.ids, exact.ids)
-    np.testing.assert_allclose(result.scores, exact.scores, atol=1e-6)
+    cosine = cosine64(stored_rows(index), queries, WIDTH)
+    numerics.assert_top_k_within(result.ids, cosine, numerics.cosine_tolerance(WIDTH))
+    np.testing.assert_allclose(result.scores, exact.scores, rtol=0, atol=2 * numerics.cosine_tolerance(WIDTH))
     assert len(result.stage_seconds) == funnel.count(",") + 1
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_funnel_reranks_each_shortlist_like_numpy(data, dtype):
-    """Stage 1 = float64 top-K1 at d1; each later stage = float64 top-K of the previous shortlist at its dim."""
+    """Stage 1 = float64 top-K1 at d1; each later stage = float64 top-K of the previous shortlist at its dim. A
+    candidate whose float64 score ties another's within rounding may make either shortlist: stage by stage the ids
+    must be a best-K of the stage's candidates up to rounding (numerics.assert_top_k_within); the funnel's own
+    shortlists are the ones followed."""
     database, queries = data
     index = EmbeddingIndex(database, dtype)
     rows = stored_rows(index)
     stages = parse_funnel(f"8:400,24:100,48:30,{WIDTH}:10", WIDTH)
-    result = index.funnel_search(queries, stages)
-    shortlist, _ = brute_topk(cosine64(rows, queries, stages[0].dim), stages[0].k)
-    for stage in stages[1:]:
-        scores = np.take_along_axis(cosine64(rows, queries, stage.dim), shortlist, axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :stage.k]
-        shortlist, final_scores = np.take_along_axis(shortlist, order, 1), np.take_along_axis(scores, order, 1)
-    np.testing.assert_array_equal(result.ids, shortlist)
-    np.testing.assert_allclose(result.scores, final_scores, atol=2e-6)
+    shortlists = [index.funnel_search(queries, stages[:i + 1]).ids for i in range(len(stages))]
+    numerics.assert_top_k_within(shortlists[0], cosine64(rows, queries, stages[0].dim),
+                                 numerics.cosine_tolerance(stages[0].dim))
+    for stage, before, after in zip(stages[1:], shortlists, shortlists[1:]):
+        scores = np.take_along_axis(cosine64(rows, queries, stage.dim), before, axis=1)
+        numerics.assert_top_k_within(positions(before, after), scores, numerics.cosine_tolerance(stage.dim))
+    final = index.funnel_search(queries, stages)
+    exact = np.take_along_axis(cosine64(rows, queries, WIDTH), final.ids, 1)
+    np.testing.assert_allclose(final.scores, exact, rtol=0, atol=numerics.cosine_tolerance(WIDTH))
 
 
 def test_hnsw_stage_one_then_exact_rerank(data):
@@ -99,13 +107,21 @@ def test_hnsw_stage_one_then_exact_rerank(data):
     index.build_hnsw(16)
     stage1 = index.search(queries, 200, dim=16, hnsw_ef=200)
     result = index.funnel_search(queries, parse_funnel(f"16:200,{WIDTH}:10", WIDTH), hnsw_ef=200)
-    cosine = cosine64(database, queries, WIDTH)
+    cosine = cosine64(stored_rows(index), queries, WIDTH)
     for q in range(len(queries)):
         assert set(result.ids[q]) <= set(stage1.ids[q])
-        # the final ten are the best ten of the HNSW shortlist at full width, with exact scores
-        best = sorted(stage1.ids[q], key=lambda i: -cosine[q, i])[:10]
-        assert list(result.ids[q]) == best
-        np.testing.assert_allclose(result.scores[q], cosine[q, result.ids[q]], atol=2e-6)
+    # the final ten are the best ten of the HNSW shortlist at full width (up to rounding), with exact scores
+    tolerance = numerics.cosine_tolerance(WIDTH)
+    numerics.assert_top_k_within(positions(stage1.ids, result.ids), np.take_along_axis(cosine, stage1.ids, 1),
+                                 tolerance)
+    np.testing.assert_allclose(result.scores, np.take_along_axis(cosine, result.ids, 1), rtol=0, atol=tolerance)
+
+
+def positions(shortlist, chosen):
+    """Where each chosen id sits in its query's shortlist (every chosen id must be in it)."""
+    found = np.argmax(shortlist[:, :, None] == chosen[:, None, :], axis=1)
+    assert (np.take_along_axis(shortlist, found, 1) == chosen).all()
+    return found
 
 
 @pytest.mark.parametrize("text, message", [
