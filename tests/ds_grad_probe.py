@@ -5,10 +5,12 @@
 One process, or several ranks (srun -n 2, torchrun --nproc_per_node 2): every rank builds the same seeded model
 (logit scale 1, see tests/numerics.py), takes its rows [rank*B, (rank+1)*B) of each step's seeded batch of
 world*B pairs and computes the Matryoshka loss on gathered features (gather-with-grad, local loss) when there are
-several ranks. With --accum A it accumulates open_clip's way: features of every micro-batch cached without grad,
-then one pass per micro-batch with the whole batch's loss (its own features live, the others cached), logit_scale's
-gradient from the first pass only, no 1/A scaling. Rank 0 saves, per step, the fp32 weights the step started from
-and DeepSpeed's full (rank-averaged) gradient after the last backward; then the engine takes the SGD step."""
+several ranks. The step is the trainer's own (mrl_clip.train.loop.train_step through its DeepSpeedEngine): with
+--accum A the rank's B rows are A loader batches accumulated open_clip's way (features of every batch cached
+without grad, then one pass per batch with the whole step's loss, logit_scale's gradient from one pass, no 1/A
+scaling). Rank 0 saves, per step, the fp32 weights the step started from and DeepSpeed's full (rank-averaged)
+gradient at the accumulation boundary; then the engine takes the SGD step (and clamps logit_scale to [0, ln 100],
+as the trainer does)."""
 import argparse
 
 import torch
@@ -18,6 +20,8 @@ from open_clip_train.distributed import init_distributed_device_so
 from mrl_clip import models
 from mrl_clip.loss import MatryoshkaClipLoss
 from mrl_clip.train import deepspeed_engine as ds_engine
+from mrl_clip.train.loop import train_step
+from mrl_clip.train.plain_engine import LOGIT_SCALE_MAX
 
 DIMS = [8, 32, 256]
 BATCH = 8  # per rank
@@ -37,23 +41,17 @@ def seeded_model():
     return model
 
 
-def backward(engine, loss_fn, images, texts, accum):
-    """The step's backward passes; engine.step() after all but the last (DeepSpeed counts micro-steps there)."""
-    if accum == 1:
-        engine.backward(loss_fn(*engine(images, texts))[0])
-        return
-    chunks = list(zip(images.chunk(accum), texts.chunk(accum)))
-    with torch.no_grad():
-        cached = [engine(i, t)[:2] for i, t in chunks]
-    for j, (i, t) in enumerate(chunks):
-        image_j, text_j, logit_scale = engine(i, t)
-        if j > 0:
-            logit_scale = logit_scale.detach()
-        features = cached[:j] + [(image_j, text_j)] + cached[j + 1:]
-        total, _ = loss_fn(torch.cat([f[0] for f in features]), torch.cat([f[1] for f in features]), logit_scale)
-        engine.backward(total, scale_wrt_gas=False)
-        if j < accum - 1:
-            engine.step()
+def recording_engine(engine):
+    """mrl_clip's DeepSpeedEngine, reading DeepSpeed's full (rank-averaged) gradient at the accumulation boundary,
+    just before its optimizer step: everything else is the trainer's own step (loop.train_step)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    class Recording(ds_engine.DeepSpeedEngine):
+        def step(self):
+            self.grads = {n: safe_get_full_grad(p).detach().clone() for n, p in self.engine.module.named_parameters()}
+            return super().step()
+
+    return Recording(engine, "MRL-Tiny-28")
 
 
 def check(run, label):
@@ -82,13 +80,16 @@ def check(run, label):
         after = run["steps"][step + 1]["weights"] if step + 1 < len(run["steps"]) else run["final"]
         for name, before in record["weights"].items():
             grad = record["grads"][name]
-            error = (after[name].double() - (before.double() - run["lr"] * grad.double())).abs()
+            expected = before.double() - run["lr"] * grad.double()
+            if name == "logit_scale":  # the trainer's clamp after every step
+                expected = expected.clamp(0, LOGIT_SCALE_MAX)
+            error = (after[name].double() - expected).abs()
             assert (error <= numerics.update_tolerance(before, grad, run["lr"])).all(), (label, step, name)
     return worst
 
 
 def main(argv=None):
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from deepspeed.utils import safe_get_full_fp32_param
 
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -106,18 +107,18 @@ def main(argv=None):
     config = {"train_micro_batch_size_per_gpu": args.batch // args.accum, "gradient_accumulation_steps": args.accum,
               "train_batch_size": args.batch * world, "zero_optimization": {"stage": args.stage},
               "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
-    engine, _ = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=args.lr), config)
+    ds, _ = ds_engine.initialize(model, torch.optim.SGD(model.parameters(), lr=args.lr), config)
+    engine = recording_engine(ds)
     loss_fn = MatryoshkaClipLoss(DIMS, local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world)
     steps = []
     for step in range(args.steps):
-        weights = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+        weights = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in ds.module.named_parameters()}
         images, texts = seeded_batch(args.batch * world, step)
         rows = slice(rank * args.batch, (rank + 1) * args.batch)
-        backward(engine, loss_fn, images[rows], texts[rows], args.accum)
-        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
-        engine.step()
-        steps.append({"weights": weights, "grads": grads})
-    final = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+        batches = list(zip(images[rows].chunk(args.accum), texts[rows].chunk(args.accum)))
+        assert not train_step(engine, loss_fn, batches).skipped
+        steps.append({"weights": weights, "grads": engine.grads})
+    final = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in ds.module.named_parameters()}
     if rank == 0:
         torch.save({"world_size": world, "batch": args.batch, "accum": args.accum, "lr": args.lr, "steps": steps,
                     "final": final}, args.out)

@@ -119,7 +119,10 @@ def clamp_logit_scale(engine, max_value: float = LOGIT_SCALE_MAX) -> None:
     if master is not None and (master < 0 or master > max_value).any():
         safe_set_full_fp32_param(param, master.clamp(0, max_value))
     with torch.no_grad():
-        param.clamp_(0, max_value)
+        # the copy the forward uses: the whole tensor under ZeRO-1/2; under ZeRO-3 the module's tensor is an empty
+        # placeholder and this rank's partition (ds_tensor) is what the next forward gathers
+        working = param.ds_tensor if hasattr(param, "ds_tensor") else param
+        working.clamp_(0, max_value)
 
 
 def step_tag(step: int) -> str:

@@ -43,9 +43,11 @@ def train_step(engine, loss_fn, batches: list, autocast: Callable = nullcontext)
     """One optimizer step over `batches` ([(images, texts)], --accum-freq of them). With several, open_clip's
     scheme: every batch's features are computed without gradients first, then each batch is re-encoded with
     gradients and the loss sees all batches' features, so the gradient is that of one batch of all their samples.
-    Unlike open_clip, logit_scale takes its gradient from one pass only (else it would count accum_freq times).
-    The loss runs in fp32 whatever the towers' precision. A non-finite loss skips the step on every rank before
-    any backward; a non-finite gradient is the engine's to skip."""
+    Unlike open_clip, logit_scale's gradient counts once, not accum_freq times: each pass gives 1/accum_freq of it.
+    (Every pass still uses it: left out of a pass, it would be unused in the pass DDP synchronises, and ZeRO-3
+    reduces a wrong gradient for it in a step whose first micro-batch left it out.) The loss runs in fp32 whatever
+    the towers' precision. A non-finite loss skips the step on every rank before any backward; a non-finite
+    gradient is the engine's to skip."""
     engine.zero_grad()
     if len(batches) > 1:
         with torch.no_grad(), autocast():
@@ -54,8 +56,8 @@ def train_step(engine, loss_fn, batches: list, autocast: Callable = nullcontext)
         with engine.no_sync(last=j == len(batches) - 1):
             with autocast():
                 image_features, text_features, logit_scale = engine(images, texts)
-                if j < len(batches) - 1:  # the last pass, which DDP synchronises, gives logit_scale's gradient
-                    logit_scale = logit_scale.detach()
+                if len(batches) > 1:  # the same value; each pass gives 1/K of logit_scale's gradient
+                    logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) / len(batches)
                 if len(batches) > 1:
                     image_features = torch.cat([c[0] for c in cached[:j]] + [image_features.float()] +
                                                [c[0] for c in cached[j + 1:]])
