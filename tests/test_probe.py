@@ -1,11 +1,8 @@
 """Linear probes through MRL / MRL-E heads, on synthetic features (no trained model needed)."""
 import pickle
 
-import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize
-from sklearn.linear_model import LogisticRegression
 
 from mrl_clip.errors import UserError
 from mrl_clip.eval.probe import (
@@ -18,6 +15,18 @@ from mrl_clip.eval.probe import (
     train_mrl_probe,
 )
 from mrl_clip.heads import MRLHeads, load_heads, save_heads
+
+from .references import (
+    U,
+    assert_probe_metrics_match,
+    f64,
+    head_objective,
+    shared_objective,
+    shared_optimum,
+    shared_theta,
+    sklearn_optimum,
+    topk_accuracy,
+)
 
 DIMS = [8, 16, 32, 64]
 CLASSES = 10
@@ -89,76 +98,12 @@ def test_heads_reject_bad_dims():
 
 
 WD = 1e-3
-# Our probes are fitted in float32: a sum of n terms is exact only to n * u of its magnitude (the bound for
-# recursive summation, u = 2^-24), so a converged fit cannot be told from the optimum by less than that, and must
-# be within it of the float64 optimum. (A penalty off by a factor 2 misses it by over 1e-3, twenty times more.)
-U = 2.0 ** -24
-
-
-def f64(t):
-    return t.detach().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
-
-
-def mean_cross_entropy(logits, y):
-    """(mean cross-entropy, softmax probabilities) in float64."""
-    logits = logits - logits.max(axis=1, keepdims=True)
-    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    return -log_p[np.arange(len(y)), y].mean(), np.exp(log_p)
-
-
-def head_objective(x, y, weight, bias, wd):
-    """One head's objective, mean CE(x[:, :m] @ W.T + b) + wd / 2 * ||W||^2 (sklearn's with C = 1 / (wd n))."""
-    weight, bias = f64(weight), f64(bias)
-    loss, _ = mean_cross_entropy(f64(x)[:, :weight.shape[1]] @ weight.T + bias, y)
-    return loss + 0.5 * wd * (weight ** 2).sum()
-
-
-def sklearn_optimum(x, y, m, wd):
-    """The per-dim optimum, solved by sklearn in float64 far below float32 resolution."""
-    reference = LogisticRegression(C=1.0 / (wd * len(y)), tol=1e-10, max_iter=10000).fit(f64(x)[:, :m], y)
-    return head_objective(x, y, reference.coef_, reference.intercept_, wd)
-
-
-def shared_objective(theta, x, y, dims, classes, wd):
-    """MRL-E's objective, sum over m of mean CE(x[:, :m] @ W[:, :m].T + b) + wd / 2 * ||W||^2, and its gradient,
-    written out in float64 (theta = W flattened, then b)."""
-    weight, bias = theta[:-classes].reshape(classes, -1), theta[-classes:]
-    total, grad_w, grad_b = 0.5 * wd * (weight ** 2).sum(), wd * weight, np.zeros(classes)
-    one_hot = np.eye(classes)[y]
-    for m in dims:
-        loss, p = mean_cross_entropy(x[:, :m] @ weight[:, :m].T + bias, y)
-        total += loss
-        grad_w[:, :m] += (p - one_hot).T @ x[:, :m] / len(y)
-        grad_b += (p - one_hot).mean(axis=0)
-    return total, np.concatenate([grad_w.ravel(), grad_b])
-
-
-def shared_theta(heads):
-    return np.concatenate([f64(heads.shared.weight).ravel(), f64(heads.shared.bias)])
-
-
-def shared_optimum(x, y, dims, classes, wd):
-    """MRL-E's optimum by scipy's L-BFGS-B on the float64 objective above (no code shared with the probe)."""
-    x = f64(x)
-    start = np.zeros(classes * x.shape[1] + classes)
-    result = minimize(shared_objective, start, args=(x, y, dims, classes, wd), jac=True, method="L-BFGS-B",
-                      options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 10000})
-    return result.fun
-
-
-def topk_accuracy(logits, y, k):
-    """Top-k accuracy recomputed with numpy from the heads' logits."""
-    top = np.argsort(-f64(logits), axis=1)[:, :k]
-    return float((top == np.asarray(y)[:, None]).any(axis=1).sum()) / len(y)
 
 
 def assert_metrics_are_the_heads_accuracy(heads, x, y):
     with torch.no_grad():
         logits = heads(x)
-    metrics = probe_metrics(heads, x, y)
-    for m in heads.dims:
-        assert metrics[m]["lp_acc1"] == topk_accuracy(logits[m], y, 1), (m, metrics[m])
-        assert metrics[m]["lp_acc5"] == topk_accuracy(logits[m], y, 5), (m, metrics[m])
+    assert_probe_metrics_match(probe_metrics(heads, x, y), logits, y)
 
 
 @pytest.fixture(scope="module")
