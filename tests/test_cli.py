@@ -1,6 +1,7 @@
 """User mistakes get one line on stderr and exit code 2, never a traceback: one table of bad inputs across
-mrl_clip.train, mrl_clip.eval, the pipelines and the SLURM job scripts. A row is (command, words the error line must hold); a row that
-needs files is a function that writes them and returns the command, run only for its own case."""
+mrl_clip.train, mrl_clip.eval, the pipelines and the SLURM job scripts. A row is (name, command, words the error
+line must hold); a row that needs files has a function that writes them and returns the command, run only for its
+own case."""
 import importlib
 import json
 import os
@@ -73,79 +74,80 @@ SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "MASTER_
 def bad_inputs(data, tmp):
     train = ["mrl_clip.train", "--model", TINY, "--train-data", data["train"], "--logs", tmp]
     zeroshot = ["mrl_clip.eval", "zeroshot", "--model", TINY, "--data", data["eval"]]
-    return {
-        "dims not increasing": (train + ["--dims", "64,32,256"], "strictly increasing"),
-        "dims zero": (train + ["--dims", "0,256"], "positive"),
-        "dims above width": (train + ["--dims", "8,512"], "above the embedding width"),
-        "dims not ending at width": (train + ["--dims", "8,128"], "must end at the embedding width"),
-        "dims not numbers": (train + ["--dims", "8,abc"], "comma-separated integers"),
-        "unknown model": (["mrl_clip.train", "--model", "ViT-Nope", "--train-data", data["train"],
+    return [
+        ("dims not increasing", train + ["--dims", "64,32,256"], "strictly increasing"),
+        ("dims zero", train + ["--dims", "0,256"], "positive"),
+        ("dims above width", train + ["--dims", "8,512"], "above the embedding width"),
+        ("dims not ending at width", train + ["--dims", "8,128"], "must end at the embedding width"),
+        ("dims not numbers", train + ["--dims", "8,abc"], "comma-separated integers"),
+        ("unknown model", ["mrl_clip.train", "--model", "ViT-Nope", "--train-data", data["train"],
                            "--dims", "256"], "unknown model"),
-        "missing shards": (["mrl_clip.train", "--model", TINY, "--train-data", str(tmp / "x-{0000..0003}.tar"),
+        ("missing shards", ["mrl_clip.train", "--model", TINY, "--train-data", str(tmp / "x-{0000..0003}.tar"),
                             "--dims", "256"], "missing shard"),
-        "resume missing": (train + ["--dims", "256", "--resume", str(tmp / "nope.pt")], "not found"),
-        "missing flag": (["mrl_clip.train", "--model", TINY], "required"),
-        "eval data missing": (["mrl_clip.eval", "zeroshot", "--model", TINY, "--data", str(tmp / "none")],
+        ("resume missing", train + ["--dims", "256", "--resume", str(tmp / "nope.pt")], "not found"),
+        ("missing flag", ["mrl_clip.train", "--model", TINY], "required"),
+        ("eval data missing", ["mrl_clip.eval", "zeroshot", "--model", TINY, "--data", str(tmp / "none")],
                               "not found"),
-        "eval dims above width": (zeroshot + ["--dims", "8,1024"], "above"),
-        "eval checkpoint missing": (zeroshot + ["--pretrained", str(tmp / "missing.pt")], "not found"),
-        "eval folder not wds": (["mrl_clip.eval", "zeroshot", "--model", TINY, "--data", str(tmp)],
+        ("eval dims above width", zeroshot + ["--dims", "8,1024"], "above"),
+        ("eval checkpoint missing", zeroshot + ["--pretrained", str(tmp / "missing.pt")], "not found"),
+        ("eval folder not wds", ["mrl_clip.eval", "zeroshot", "--model", TINY, "--data", str(tmp)],
                                 "nshards.txt"),
-        "eval unknown task": (["mrl_clip.eval", "bogus"], "invalid choice"),
-        "eval checkpoint of another model": (lambda: zeroshot + ["--pretrained", foreign_checkpoint(tmp)],
+        ("eval unknown task", ["mrl_clip.eval", "bogus"], "invalid choice"),
+        ("eval checkpoint of another model", lambda: zeroshot + ["--pretrained", foreign_checkpoint(tmp)],
                                              "does not fit"),
-        "resume checkpoint of another architecture": (
+        ("resume checkpoint of another architecture",
             lambda: train + ["--dims", "256", "--resume", narrower_tiny_checkpoint(tmp)], "does not fit"),
-        "resume checkpoint with a pickled payload": (
+        ("resume checkpoint with a pickled payload",
             lambda: train + ["--dims", "256", "--resume", pickled_payload(tmp)], "refused to load"),
-        "pretrained with a pickled payload": (
+        ("pretrained with a pickled payload",
             lambda: train + ["--dims", "256", "--pretrained", pickled_payload(tmp)], "refused to load"),
-        "eval checkpoint with a pickled payload": (
+        ("eval checkpoint with a pickled payload",
             lambda: zeroshot + ["--pretrained", pickled_payload(tmp)], "refused to load"),
-        "empty shard list": (["mrl_clip.train", "--model", TINY, "--train-data", "", "--dims", "256"],
+        ("empty shard list", ["mrl_clip.train", "--model", TINY, "--train-data", "", "--dims", "256"],
                              "names no shards"),
-        "sizes.json without a listed shard": (
+        ("sizes.json without a listed shard",
             lambda: ["mrl_clip.train", "--model", TINY, "--dims", "256", "--logs", tmp, "--train-data",
                      shards_with_sizes(data, tmp, json.dumps({"train-0000.tar": 512}))],
             "no entry for train-0001.tar"),
-        "sizes.json not JSON": (
+        ("sizes.json not JSON",
             lambda: ["mrl_clip.train", "--model", TINY, "--dims", "256", "--logs", tmp, "--train-data",
                      shards_with_sizes(data, tmp, "{oops")], "cannot read the dataset size"),
-        "max bad fraction above 1": (train + ["--dims", "256", "--max-bad-fraction", "1.5"], "between 0 and 1"),
-        "max non-finite steps 0": (train + ["--dims", "256", "--max-nonfinite-steps", "0"], "at least 1"),
-        "eval folder without classnames.txt": (
+        ("max bad fraction above 1", train + ["--dims", "256", "--max-bad-fraction", "1.5"], "between 0 and 1"),
+        ("max non-finite steps 0", train + ["--dims", "256", "--max-nonfinite-steps", "0"], "at least 1"),
+        ("eval folder without classnames.txt",
             lambda: ["mrl_clip.eval", "zeroshot", "--model", TINY, "--data",
                      eval_folder_without(data, tmp, "classnames.txt")], "has no classnames.txt"),
-        "eval recall@0": (["mrl_clip.eval", "retrieval", "--model", TINY, "--data", data["eval"], "--recall-k", "0"],
+        ("eval recall@0", ["mrl_clip.eval", "retrieval", "--model", TINY, "--data", data["eval"], "--recall-k", "0"],
                           "--recall-k must be positive"),
-        "csv with a missing image": (
+        ("csv with a missing image",
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.csv", "image,caption\nimg.png,a cat\ngone.png,a dog\n")],
             "pairs.csv:3: image not found"),
-        "csv without a caption column": (
+        ("csv without a caption column",
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.csv", "image,text\nimg.png,a cat\n")], "no column 'caption'"),
-        "jsonl line not JSON": (
+        ("jsonl line not JSON",
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.jsonl", '{"image": "img.png", "caption": "a cat"}\n{"image": \n')],
             "pairs.jsonl:2: not valid JSON"),
-        "deepspeed config not JSON": (
+        ("deepspeed config not JSON",
             lambda: train + ["--dims", "256", "--deepspeed", pairs_file(tmp, "ds.json", '{"zero_optimization": ')],
             "is not valid JSON"),
-        "deepspeed config missing": (train + ["--dims", "256", "--deepspeed", tmp / "nope.json"],
+        ("deepspeed config missing", train + ["--dims", "256", "--deepspeed", tmp / "nope.json"],
                                      "DeepSpeed config not found"),
-        "slurm script run without sbatch": (["slurm/train_tiny.sh", {"SLURM_JOB_ID": ""}], "submit this script with sbatch"),
-        "slurm job without TRAIN_DATA": (["slurm/train_vitb.sh", {**SLURM_JOB, "TRAIN_DATA": ""}], "set TRAIN_DATA"),
-        "slurm job with a missing DeepSpeed config": (
+        ("slurm script run without sbatch", ["slurm/train_tiny.sh", {"SLURM_JOB_ID": ""}],
+         "submit this script with sbatch"),
+        ("slurm job without TRAIN_DATA", ["slurm/train_vitb.sh", {**SLURM_JOB, "TRAIN_DATA": ""}], "set TRAIN_DATA"),
+        ("slurm job with a missing DeepSpeed config",
             ["slurm/train_tiny.sh", {**SLURM_JOB, "TRAIN_DATA": data["train"], "DS_CONFIG": str(tmp / "no.json")}],
             "DeepSpeed config not found"),
-        "csv empty caption": (
+        ("csv empty caption",
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.csv", "image,caption\nimg.png,  \n")], "pairs.csv:2: empty caption"),
-    }
+    ]
 
 
-CASES = list(bad_inputs({"train": "T", "eval": "E"}, Path("/nonexistent-folder")))
+CASES = [name for name, _, _ in bad_inputs({"train": "T", "eval": "E"}, Path("/nonexistent-folder"))]
 
 
 # Modules whose main() the table calls in-process through run_cli, exactly what `python -m MODULE` runs (a
@@ -171,9 +173,9 @@ def run_row(args, capfd):
     return exited.value.code, capfd.readouterr().err
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_exit_2(case, fmnist_data, tmp_path, capfd):
-    args, expected = bad_inputs(fmnist_data, tmp_path)[case]
+@pytest.mark.parametrize("index", range(len(CASES)), ids=CASES)
+def test_bad_input_is_one_line_and_exit_2(index, fmnist_data, tmp_path, capfd):
+    _, args, expected = bad_inputs(fmnist_data, tmp_path)[index]
     code, stderr = run_row(args() if callable(args) else args, capfd)
     assert code == 2, (code, stderr[-2000:])
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -196,8 +198,34 @@ def test_python_m_wiring(module, tmp_path):
     assert len(lines) == 1 and "required" in lines[0], result.stderr[-2000:]
 
 
-def test_the_table_holds_at_least_20_distinct_bad_inputs():
-    assert len(CASES) == len(set(CASES)) >= 20
+def row_identity(args, folder: Path) -> tuple:
+    """What a row runs: its command and the bytes of every file it wrote in its folder."""
+    torch.manual_seed(0)  # rows that write a freshly initialised model write the same bytes every time
+    args = args() if callable(args) else args
+    command = json.dumps([a if isinstance(a, dict) else str(a) for a in args], sort_keys=True)
+    return command, tuple(sorted((str(p.relative_to(folder)), p.read_bytes()) for p in folder.rglob("*")
+                                 if p.is_file()))
+
+
+def table_identities(data, folder: Path) -> list:
+    """Each row built alone in the same (emptied) folder, so that rows differ only by what they are."""
+    identities = []
+    for index in range(len(CASES)):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        _, args, _ = bad_inputs(data, folder)[index]
+        identities.append(row_identity(args, folder))
+    return identities
+
+
+def test_the_table_holds_at_least_20_distinct_bad_inputs(fmnist_data, tmp_path):
+    assert len(CASES) >= 20 and len(set(CASES)) == len(CASES), CASES
+    identities = table_identities(fmnist_data, tmp_path / "row")
+    duplicates = [(CASES[i], CASES[identities.index(row)]) for i, row in enumerate(identities)
+                  if identities.index(row) != i]
+    assert not duplicates, duplicates
+    # built again, every row is the same: two equal rows could not hide behind different bytes
+    assert table_identities(fmnist_data, tmp_path / "row") == identities
 
 
 def test_shards_with_no_usable_sample_stop_with_a_message(tmp_path):

@@ -1,10 +1,16 @@
 import json
 
+import numpy as np
 import open_clip
 import pytest
+import torch
 from clip_benchmark.metrics import zeroshot_classification
 from torch.utils.data import DataLoader
 
+from mrl_clip.eval import cascade as cascade_module
+from mrl_clip.eval import main as eval_main
+from mrl_clip.eval import probe as probe_module
+from mrl_clip.eval.cascade import DEFAULT_THRESHOLDS
 from mrl_clip.eval.main import run_zeroshot
 from mrl_clip.eval.zeroshot import (
     encode_class_prompts,
@@ -15,6 +21,17 @@ from mrl_clip.eval.zeroshot import (
 
 from . import numerics
 from .conftest import TINY, TINY_DIMS, run_module
+from .references import (
+    U,
+    assert_probe_metrics_match,
+    f64,
+    gamma,
+    head_objective,
+    shared_objective,
+    shared_optimum,
+    shared_theta,
+    sklearn_optimum,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +64,17 @@ def test_clip_benchmark_cli_reads_our_folder_and_agrees(trained_run, fmnist_data
     ours = run_zeroshot(f"local-dir:{trained_run['export']}", None, str(fmnist_data["eval"]), [256])
     for name in ("acc1", "acc5", "mean_per_class_recall"):
         assert abs(ours["metrics"]["256"][name] - reference[name]) < 1e-4, (name, ours, reference)
+
+
+def zero_shot_logits64(images, prompts, m):
+    """CLIP_benchmark's logits at dim m, 100 x cosine to the normalised mean of normalised prompts, in float64."""
+    img = images[:, :m].double()
+    img = img / img.norm(dim=1, keepdim=True)
+    per_prompt = prompts[..., :m].double()
+    per_prompt = per_prompt / per_prompt.norm(dim=-1, keepdim=True)
+    classifier = per_prompt.mean(dim=1)
+    classifier = classifier / classifier.norm(dim=-1, keepdim=True)
+    return 100.0 * img @ classifier.T
 
 
 def test_each_dim_matches_a_float64_recomputation(export_model, fmnist_data):
@@ -112,7 +140,9 @@ def test_retrieval_full_width_equals_clip_benchmark_cli(trained_run, fmnist_data
     assert set(full) == set(reference) and len(full) == 6
     for name, value in reference.items():
         assert abs(full[name] - value) < 1e-4, (name, full[name], value)
-    assert report["metrics"]["256"] == full  # the single-model fields stay for older readers
+    # the single-model fields stay for older readers
+    assert (report["model"], report["dims"], sorted(report["metrics"])) == \
+        (f"local-dir:{trained_run['export']}", [16, 256], ["16", "256"])
 
 
 def test_retrieval_on_a_classification_folder_is_a_one_line_error(fmnist_data):
@@ -145,17 +175,23 @@ def test_linear_probe_cli_learns_saves_heads_beside_checkpoint_and_caches(traine
     report = json.loads((tmp_path / "lp.json").read_text())
     label = trained_run["checkpoint"].name
     assert set(report["models"]) == {f"{label} [mrl]", f"{label} [mrl-e]", f"{label} [fixed]"}
-    for entry in report["models"].values():
-        for dim in ("8", "32", "256"):
-            assert entry["metrics"][dim]["lp_acc1"] > 0.4  # 10 classes: chance is 0.1
-        assert "weight_decay" in entry["probe"]["chosen"]
-    # heads live beside the checkpoint, not in its state_dict, and reload to the reported accuracy's inputs
-    heads_dir = trained_run["checkpoint"].parent / f"{trained_run['checkpoint'].stem}.heads"
-    heads, meta = load_heads(heads_dir / "mrl-e.safetensors")
-    assert heads.efficient and heads.dims == [8, 32, 256] and meta["kind"] == "mrl-e"
-    assert meta["feature_mean"].shape == (256,)
-    # one cache entry per split at full width, reused by a second run with other dims
+    # one cache entry per split at full width: the features every probe was fitted on and measured with
     assert len(list(cache.glob("features-*.pt"))) == 2
+    features = cached_splits(cache)
+    # heads live beside the checkpoint, not in its state_dict, with the train statistics they expect
+    heads_dir = trained_run["checkpoint"].parent / f"{trained_run['checkpoint'].stem}.heads"
+    for kind in ("mrl", "mrl-e", "fixed"):
+        heads, meta = load_heads(heads_dir / f"{kind}.safetensors")
+        entry = report["models"][f"{label} [{kind}]"]
+        assert meta["kind"] == kind and heads.efficient == (kind == "mrl-e") and heads.dims == [8, 32, 256]
+        assert meta["chosen"] == entry["probe"]["chosen"]
+        train_x, test_x = ((features[split][0] - meta["feature_mean"]) / meta["feature_std"]
+                           for split in ("train", "test"))
+        assert_at_float64_optimum(heads, kind, train_x, features["train"][1], meta["chosen"]["weight_decay"])
+        with torch.no_grad():
+            logits = heads(test_x)
+        assert_probe_metrics_match({int(m): v for m, v in entry["metrics"].items()}, logits, features["test"][1])
+    # the cache is reused by a second run with other dims
     again = run_module(*args[:-6], "--dims", "16,256", "--cache-dir", cache, "--probes", "mrl",
                        env={"OMP_NUM_THREADS": "1"})
     assert again.returncode == 0, again.stderr[-2000:]
@@ -163,12 +199,136 @@ def test_linear_probe_cli_learns_saves_heads_beside_checkpoint_and_caches(traine
     assert len(list(cache.glob("features-*.pt"))) == 2
 
 
-def test_cascade_cli_zero_shot(trained_run, fmnist_data, tmp_path):
-    result = run_module("mrl_clip.eval", "cascade", "--model", f"local-dir:{trained_run['export']}",
-                        "--data", fmnist_data["eval"], "--dims", "8,32,256", "--cache-dir", tmp_path,
-                        "--output", tmp_path / "c.json")
-    assert result.returncode == 0, result.stderr[-2000:]
+def cached_splits(cache) -> dict:
+    """{split: (features, labels)} from a feature cache folder."""
+    entries = [torch.load(path, weights_only=True) for path in cache.glob("features-*.pt")]
+    return {json.loads(e["key"])["split"]: (e["features"], e["labels"]) for e in entries}
+
+
+def assert_at_float64_optimum(heads, kind, x, y, wd):
+    """Fixed and MRL heads at sklearn's per-dim optimum (MRL's objective is their sum), MRL-E's shared head at
+    scipy's optimum of its objective, within the float32 summation error of the fit (see references.U)."""
+    n, dims = len(y), heads.dims
+    if kind == "mrl-e":
+        ours, _ = shared_objective(shared_theta(heads), f64(x), np.asarray(y), dims, heads.num_classes, wd)
+        best = shared_optimum(x, y, dims, heads.num_classes, wd)
+        assert abs(ours - best) <= (n + len(dims)) * U * best, (kind, ours, best)
+        return
+    ours = [head_objective(x, y, head.weight, head.bias, wd) for head in heads.heads]
+    best = [sklearn_optimum(x, y, m, wd) for m in dims]
+    terms = n if kind == "fixed" else n + len(dims)  # MRL's one sum runs over every dim's terms
+    for o, b in zip(ours, best):
+        assert o >= b - terms * U * sum(best), (kind, ours, best)
+    assert abs(sum(ours) - sum(best)) <= terms * U * sum(best), (kind, ours, best)
+
+
+def spy(monkeypatch, module, name) -> list:
+    """Record every call of module.name as (arguments, result) while it runs as usual."""
+    calls, original = [], getattr(module, name)
+
+    def recorded(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((args, result))
+        return result
+
+    monkeypatch.setattr(module, name, recorded)
+    return calls
+
+
+def cascade_numpy(probs: dict, dims, threshold):
+    """(predicted class, answering dim) per sample: the smallest dim whose top probability reaches the threshold
+    answers, full width the rest (compared in float32, the probabilities' type)."""
+    full = dims[-1]
+    predicted, answered = probs[full].argmax(axis=1), np.full(len(probs[full]), full)
+    for m in reversed(dims[:-1]):
+        confident = probs[m].max(axis=1) >= np.float32(threshold)
+        predicted = np.where(confident, probs[m].argmax(axis=1), predicted)
+        answered = np.where(confident, m, answered)
+    return predicted, answered
+
+
+def assert_reported_cascade(cascade, held_probs, held_y, test_probs, test_y, dims):
+    """The reported cascade recomputed with numpy from the probabilities it was given: the threshold is the
+    cheapest on held-out that reaches held-out full-width accuracy (the more accurate, then the first, on ties),
+    and acc1, expected dims and answers per dim are those of that threshold on the test half. Reported means are
+    float32: an exact sum divided once, so within u of the exact fraction."""
+    held = {m: p.numpy() for m, p in held_probs.items()}
+    test = {m: p.numpy() for m, p in test_probs.items()}
+    held_y, test_y = held_y.numpy(), test_y.numpy()
+    target = np.mean(held[dims[-1]].argmax(axis=1) == held_y)
+    points = []
+    for t in DEFAULT_THRESHOLDS:
+        predicted, answered = cascade_numpy(held, dims, t)
+        points.append((np.mean(answered), -np.mean(predicted == held_y), t))
+    cheapest = min((p for p in points if -p[1] >= target), key=lambda p: p[:2])
+    assert cascade["threshold"] == cheapest[2], (cascade["threshold"], points, target)
+    predicted, answered = cascade_numpy(test, dims, cascade["threshold"])
+    assert cascade["answered_at"] == {str(m): int(np.sum(answered == m)) for m in dims}
+    expected = {"acc1": np.mean(predicted == test_y), "expected_dim": np.mean(answered),
+                "full_dim_acc1": np.mean(test[dims[-1]].argmax(axis=1) == test_y)}
+    for name, value in expected.items():
+        assert abs(cascade[name] - value) <= U * value, (name, cascade[name], value)
+    for point, t in zip(cascade["frontier"], DEFAULT_THRESHOLDS):
+        predicted, answered = cascade_numpy(test, dims, t)
+        assert point["threshold"] == t
+        assert abs(point["acc1"] - np.mean(predicted == test_y)) <= U * np.mean(predicted == test_y), point
+        assert abs(point["expected_dim"] - np.mean(answered)) <= U * np.mean(answered), point
+
+
+def test_cascade_cli_zero_shot(export_model, trained_run, fmnist_data, tmp_path, monkeypatch):
+    given = spy(monkeypatch, cascade_module, "evaluate_cascade")
+    dims = [8, 32, 256]
+    assert eval_main.main(["cascade", "--model", f"local-dir:{trained_run['export']}", "--data",
+                           str(fmnist_data["eval"]), "--dims", "8,32,256", "--cache-dir", str(tmp_path / "cache"),
+                           "--output", str(tmp_path / "c.json")]) == 0
     cascade = json.loads((tmp_path / "c.json").read_text())["models"]["export"]["cascade"]
-    assert 8 <= cascade["expected_dim"] <= 256
-    assert sum(cascade["answered_at"].values()) == 250  # the reported half of 500 test images
-    assert [p["threshold"] for p in cascade["frontier"]] == sorted(p["threshold"] for p in cascade["frontier"])
+    (held_probs, held_y, test_probs, test_y, given_dims), _ = given[0]
+    assert given_dims == dims
+    # the CLI's test images (from its cache) and the class prompts, encoded by this process with the same model
+    images, labels = cached_splits(tmp_path / "cache")["test"]
+    model, preprocess, tokenizer = export_model
+    data = load_classification_folder(str(fmnist_data["eval"]), preprocess)
+    prompts = encode_class_prompts(model, tokenizer, data.classnames, data.templates)
+    # thresholds are chosen on half of the test split, a permutation seeded with 0, and reported on the other half
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    held, test = order[:len(labels) // 2], order[len(labels) // 2:]
+    assert torch.equal(held_y, labels[held]) and torch.equal(test_y, labels[test])
+    # The CLI computes in float32 from the same float32 features: each cosine of float32-normalised vectors (the
+    # classifier a mean of T normalised prompts) is within 4 gamma(m + T) of the exact one, a logit (100 x) within
+    # 100 times that (one gamma more covers the scaling's and the softmax's own rounding), and a softmax probability
+    # moves by at most twice its largest logit change.
+    for m in dims:
+        probs = zero_shot_logits64(images, prompts, m).softmax(dim=1)
+        bound = 2 * 100 * 5 * gamma(m + len(data.templates))
+        assert (held_probs[m].double() - probs[held]).abs().max() <= bound, m
+        assert (test_probs[m].double() - probs[test]).abs().max() <= bound, m
+    assert_reported_cascade(cascade, held_probs, held_y, test_probs, test_y, dims)
+
+
+def test_cascade_cli_through_an_mrl_probe(trained_run, fmnist_data, tmp_path, monkeypatch):
+    fitted = spy(monkeypatch, probe_module, "select_and_train")
+    given = spy(monkeypatch, cascade_module, "evaluate_cascade")
+    dims = [8, 32, 256]
+    assert eval_main.main(["cascade", "--source", "mrl", "--model", TINY, "--pretrained",
+                           str(trained_run["checkpoint"]), "--data", str(fmnist_data["eval"]), "--dims", "8,32,256",
+                           "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "c.json")]) == 0
+    cascade = json.loads((tmp_path / "c.json").read_text())["models"][trained_run["checkpoint"].name]["cascade"]
+    features = cached_splits(tmp_path / "cache")
+    train_x, test_x = probe_module.standardize(features["train"][0], features["test"][0])
+    train_y, test_y = features["train"][1], features["test"][1]
+    # the probe is fitted on 80% of the train split (a permutation seeded with 1), thresholds chosen on the rest
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1))
+    held, fit = order[:len(order) // 5], order[len(order) // 5:]
+    ((fit_x, fit_y, fit_dims, classes, kind), (heads, info)), = fitted
+    assert torch.equal(fit_x, train_x[fit]) and torch.equal(fit_y, train_y[fit])
+    assert (fit_dims, classes, kind, heads.dims) == (dims, 10, "mrl", dims)
+    assert_at_float64_optimum(heads, "mrl", fit_x, fit_y, info["chosen"]["weight_decay"])
+    # the cascade is given the heads' softmax on the held-out 20% and on the test split
+    (held_probs, held_y, test_probs, test_y_given, given_dims), _ = given[0]
+    with torch.no_grad():
+        expected_held, expected_test = heads(train_x[held]), heads(test_x)
+    assert given_dims == dims and torch.equal(held_y, train_y[held]) and torch.equal(test_y_given, test_y)
+    for m in dims:
+        assert torch.equal(held_probs[m], expected_held[m].softmax(dim=1))
+        assert torch.equal(test_probs[m], expected_test[m].softmax(dim=1))
+    assert_reported_cascade(cascade, held_probs, held_y, test_probs, test_y, dims)

@@ -58,13 +58,18 @@ def kill_at_step(proc, log_path, step, timeout=300):
     proc.stderr.close()
 
 
-def assert_same_training_state(a, b):
+def assert_same_training_state(a, b, context=""):
     for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), (key, context)
     for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for name in group_a:
-            assert torch.equal(group_a[name], group_b[name]), name
-    assert a["step"] == b["step"] and a["data"] == b["data"]
+            assert torch.equal(group_a[name], group_b[name]), (name, context)
+    assert a["step"] == b["step"] and a["data"] == b["data"], context
+
+
+def replay_seed() -> int:
+    """MRL_CLIP_TEST_SEED if set (to replay a failure), else a fresh one: a test prints the seed it used."""
+    return int(os.environ.get("MRL_CLIP_TEST_SEED") or random.SystemRandom().randrange(2 ** 32))
 
 
 def test_kill_9_then_resume_latest_ends_bitwise_equal_to_an_unbroken_run(fmnist_data, tmp_path):
@@ -74,26 +79,31 @@ def test_kill_9_then_resume_latest_ends_bitwise_equal_to_an_unbroken_run(fmnist_
     steps_per_epoch, total = 10, 20
     common = TRAIN + ["--train-data", fmnist_data["train"], "--train-num-samples", str(32 * steps_per_epoch),
                       "--epochs", "2", "--workers", "2", "--save-every-n-steps", "3", "--logs", tmp_path]
-    kill_step = random.Random().randint(4, total - 3)
+    seed = replay_seed()
+    kill_step = random.Random(seed).randint(4, total - 3)
+    # the seed fixes the step the kill waits for; it may land a step or two later (the trainer runs on meanwhile)
+    replay = f"kill at step {kill_step}; replay with MRL_CLIP_TEST_SEED={seed}"
+    print(replay)
     unbroken = run_module(*common, "--name", "unbroken")
     assert unbroken.returncode == 0, unbroken.stderr[-2000:]
 
     proc = start_module(*common, "--name", "killed")
     kill_at_step(proc, tmp_path / "killed" / "log.jsonl", kill_step)
-    assert not (tmp_path / "killed" / "checkpoints" / f"step_{total}.pt").exists()
+    assert not (tmp_path / "killed" / "checkpoints" / f"step_{total}.pt").exists(), replay
     resumed_from = latest_checkpoint(tmp_path / "killed" / "checkpoints")
+    replay += f", resumed from {resumed_from.name}"
     resumed = run_module(*common, "--name", "killed", "--resume", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed at step {resumed_from.stem.split('_')[1]}" in resumed.stderr, (kill_step, resumed.stderr[-2000:])
+    assert resumed.returncode == 0, (replay, resumed.stderr[-2000:])
+    assert f"resumed at step {resumed_from.stem.split('_')[1]}" in resumed.stderr, (replay, resumed.stderr[-2000:])
 
     a = torch.load(tmp_path / "unbroken" / "checkpoints" / f"step_{total}.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "checkpoints" / f"step_{total}.pt", weights_only=True)
-    assert_same_training_state(a, b)
+    assert_same_training_state(a, b, replay)
     # the per-step losses after the resume are the unbroken run's, to the bit
     after = int(resumed_from.stem.split("_")[1])
     unbroken_loss = {r["step"]: r["loss"] for r in log_records(tmp_path / "unbroken")}
     resumed_loss = {r["step"]: r["loss"] for r in log_records(tmp_path / "killed")[-(total - after):]}
-    assert resumed_loss == {s: unbroken_loss[s] for s in range(after + 1, total + 1)}, kill_step
+    assert resumed_loss == {s: unbroken_loss[s] for s in range(after + 1, total + 1)}, replay
 
 
 KILL_DURING_SAVES = """

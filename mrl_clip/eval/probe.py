@@ -89,7 +89,7 @@ def _fit(heads: MRLHeads, x, y, weights, weight_decay, max_iter, chunk_size):
 
 
 def train_mrl_probe(train_x, train_y, dims, num_classes, efficient=False, weights=None, weight_decay=1e-4,
-                    max_iter=200, chunk_size=16384) -> MRLHeads:
+                    max_iter=1000, chunk_size=16384) -> MRLHeads:
     """MRL (or MRL-E) heads trained jointly on the weighted sum over dims of the cross-entropies."""
     dims = _check_inputs(train_x, train_y, dims, num_classes)
     weights = check_weights(weights, dims)
@@ -97,7 +97,7 @@ def train_mrl_probe(train_x, train_y, dims, num_classes, efficient=False, weight
     return _fit(heads, train_x, train_y, weights, weight_decay, max_iter, chunk_size)
 
 
-def train_fixed_feature_probes(train_x, train_y, dims, num_classes, weight_decay=1e-4, max_iter=200,
+def train_fixed_feature_probes(train_x, train_y, dims, num_classes, weight_decay=1e-4, max_iter=1000,
                                chunk_size=16384) -> MRLHeads:
     """The baseline: an independent Linear probe per dim m on x[:, :m], each trained alone (own optimiser, own
     loss), returned packed as MRLHeads(efficient=False) so evaluation and saving treat it like the others."""
