@@ -1,5 +1,6 @@
 import io
 import json
+import tarfile
 
 import open_clip
 import pytest
@@ -202,3 +203,24 @@ def test_rank_shards_list_a_missing_shard_the_trainer_tolerates(tmp_path):
 ])
 def test_batches_per_epoch_are_whole_worker_rounds_and_whole_steps(samples, batch, world, workers, accum, expected):
     assert batches_per_epoch(samples, batch, world, workers, accum) == expected
+
+
+def test_a_sample_never_takes_its_files_from_two_shards(tmp_path):
+    """An image at the end of one shard and a caption under the same key at the start of the next are two bad
+    samples (no caption, no image), not one good one."""
+    def tar(path, members):
+        with tarfile.open(path, "w") as f:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                f.addfile(info, io.BytesIO(data))
+
+    buf = io.BytesIO()
+    Image.new("L", (28, 28)).save(buf, format="PNG")
+    png = buf.getvalue()
+    tar(tmp_path / "x-0000.tar", [("a.png", png), ("a.txt", b"caption a"), ("k1.png", png)])
+    tar(tmp_path / "x-0001.tar", [("k1.txt", b"caption k1"), ("b.png", png), ("b.txt", b"caption b")])
+    batches = list(stream(str(tmp_path / "x-{0000..0001}.tar"), 2, batch_size=2, workers=0).loader)
+    named = [name for batch in batches for name in batch[2]["new_bad"]]
+    assert len(batches) == 1 and batches[0][2]["bad"] == 2, named
+    assert sorted(n.split(":")[0] + ":" + n.split(":")[1] for n in named) == ["x-0000.tar:k1", "x-0001.tar:k1"]

@@ -5,7 +5,8 @@ What we add to open_clip_train.data.get_wds_dataset, and why:
   counted*: each batch carries its worker's running count and the new bad samples' shard:key names, so the trainer
   can log them and bound them (--max-bad-fraction); open_clip only logs them;
 - open_clip_train's tarfile_to_samples_nothrow breaks on webdataset 1.0.2 (KeyError 'fname': wds now yields an
-  empty end-of-shard marker that open_clip's group_by_keys_nothrow does not expect); ours turns the marker off;
+  empty end-of-shard marker that open_clip's group_by_keys_nothrow does not expect); ours groups each shard on
+  its own, so no sample spans two shards;
 - the sample shuffle is seeded (detshuffle2 instead of wds.shuffle), so an epoch's stream is a function of
   (seed, epoch, rank, worker), and each batch carries how many samples its worker has read: the trainer keeps that
   position in its checkpoint and a resumed stream skips exactly those samples, before decoding;
@@ -18,6 +19,7 @@ What we add to open_clip_train.data.get_wds_dataset, and why:
 """
 import functools
 import hashlib
+import itertools
 import math
 import os
 import random
@@ -45,6 +47,7 @@ SHARD_SHUFFLE_BUFFER = 2000
 SAMPLE_SHUFFLE_BUFFER = 2000
 SAMPLE_SHUFFLE_INITIAL = 500
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+SHARD_END = object()  # what the tar reader yields after each shard's members
 
 
 def resolve_shards(urls: str, allow_missing: bool = False) -> list[str]:
@@ -96,9 +99,16 @@ def count_samples(urls: str) -> Optional[int]:
 
 
 def tarfile_to_samples_nothrow(src, handler):
-    streams = url_opener(src, handler=handler)
-    files = tar_file_expander(streams, handler=handler, eof_value=None)
-    return group_by_keys_nothrow(files, handler=handler)
+    """open_clip's grouping of tar members into samples, one shard at a time: webdataset 1.0.2 ends each shard
+    with an empty marker, which open_clip's group_by_keys_nothrow cannot read, and without it a sample could take
+    its image from the end of one shard and its caption from the start of the next. (webdataset's own
+    tarfile_to_samples splits shards too, but drops a sample whose key repeats and names its errors without the
+    shard: the fuzz tests reject it.)"""
+    files = tar_file_expander(url_opener(src, handler=handler), handler=handler, eof_value=SHARD_END)
+    for is_end, read in itertools.groupby(files, key=lambda f: f is SHARD_END):
+        # a shard cut short by an error gets no end marker: its url still tells it from the next shard
+        for _, shard_files in itertools.groupby(() if is_end else read, key=lambda f: f["__url__"]):
+            yield from group_by_keys_nothrow(shard_files, handler=handler)
 
 
 def logical_worker(offset: int) -> tuple[int, int]:
