@@ -38,7 +38,8 @@ def head_objective(x, y, weight, bias, wd):
 def sklearn_optimum(x, y, m, wd):
     """The per-dim optimum, solved by sklearn in float64 far below float32 resolution."""
     y = np.asarray(y)
-    reference = LogisticRegression(C=1.0 / (wd * len(y)), tol=1e-10, max_iter=10000).fit(f64(x)[:, :m], y)
+    penalty = {"C": 1.0 / (wd * len(y))} if wd > 0 else {"penalty": None}
+    reference = LogisticRegression(**penalty, tol=1e-10, max_iter=10000).fit(f64(x)[:, :m], y)
     return head_objective(x, y, reference.coef_, reference.intercept_, wd)
 
 

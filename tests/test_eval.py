@@ -207,19 +207,22 @@ def cached_splits(cache) -> dict:
 
 def assert_at_float64_optimum(heads, kind, x, y, wd):
     """Fixed and MRL heads at sklearn's per-dim optimum (MRL's objective is their sum), MRL-E's shared head at
-    scipy's optimum of its objective, within the float32 summation error of the fit (see references.U)."""
+    scipy's optimum of its objective, within the float32 summation error of the fit (see references.U). Without
+    a penalty (wd 0, in the probe's grid) the objective may have no minimum, only an infimum the probe's capped
+    L-BFGS approaches: then no head may go below it, and nothing more is claimed."""
     n, dims = len(y), heads.dims
     if kind == "mrl-e":
         ours, _ = shared_objective(shared_theta(heads), f64(x), np.asarray(y), dims, heads.num_classes, wd)
         best = shared_optimum(x, y, dims, heads.num_classes, wd)
-        assert abs(ours - best) <= (n + len(dims)) * U * best, (kind, ours, best)
+        assert ours >= best - (n + len(dims)) * U * best, (kind, ours, best)
+        assert wd == 0 or abs(ours - best) <= (n + len(dims)) * U * best, (kind, ours, best)
         return
     ours = [head_objective(x, y, head.weight, head.bias, wd) for head in heads.heads]
     best = [sklearn_optimum(x, y, m, wd) for m in dims]
     terms = n if kind == "fixed" else n + len(dims)  # MRL's one sum runs over every dim's terms
     for o, b in zip(ours, best):
         assert o >= b - terms * U * sum(best), (kind, ours, best)
-    assert abs(sum(ours) - sum(best)) <= terms * U * sum(best), (kind, ours, best)
+    assert wd == 0 or abs(sum(ours) - sum(best)) <= terms * U * sum(best), (kind, ours, best)
 
 
 def spy(monkeypatch, module, name) -> list:
