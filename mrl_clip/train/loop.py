@@ -56,9 +56,9 @@ def train_step(engine, loss_fn, batches: list, autocast: Callable = nullcontext)
         with engine.no_sync(last=j == len(batches) - 1):
             with autocast():
                 image_features, text_features, logit_scale = engine(images, texts)
-                if len(batches) > 1:  # the same value; each pass gives 1/K of logit_scale's gradient
-                    logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) / len(batches)
                 if len(batches) > 1:
+                    # the same value, and 1/K of its gradient from each of the K passes
+                    logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) / len(batches)
                     image_features = torch.cat([c[0] for c in cached[:j]] + [image_features.float()] +
                                                [c[0] for c in cached[j + 1:]])
                     text_features = torch.cat([c[1] for c in cached[:j]] + [text_features.float()] +
@@ -133,8 +133,7 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
             break
         for _, _, report in group:
             log_bad_samples(run.position.update(report), run.step + 1, run.log_file)
-        device = args.device
-        group = [(i.to(device, non_blocking=True), t.to(device, non_blocking=True)) for i, t, _ in group]
+        group = [(i.to(args.device, non_blocking=True), t.to(args.device, non_blocking=True)) for i, t, _ in group]
         lr = run.schedule(run.step)
         t_step = time.perf_counter()
         result = train_step(run.engine, run.loss_fn, group, run.autocast)
