@@ -26,11 +26,13 @@ setup: $(STAMP) data-deps
 demo: setup
 	$(PY) -m pipelines.demo --out runs/demo
 
+# Two pytest-xdist workers, one per core: most tests wait on a one-thread training subprocess. tests/conftest.py
+# keeps each module (and the tests of the shared trained model, and the cluster tests) on one worker.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 # A real one-node Slurm cluster on this machine (root): what the cluster tests use; they start it themselves too.
 cluster:

@@ -47,3 +47,17 @@ def trained_run(fmnist_data, tmp_path_factory):
     run_dir = logs / "tiny"
     return {"dir": run_dir, "checkpoint": latest_checkpoint(run_dir / "checkpoints"),
             "export": run_dir / "export", "stderr": result.stderr}
+
+
+def pytest_collection_modifyitems(items):
+    """For `make test`'s two pytest-xdist workers (--dist loadgroup): the tests on the trained model share one
+    worker (the model is trained once), the cluster tests another (one Slurm cluster), and every other module
+    stays whole on one worker, so its module fixtures (a training run, a DeepSpeed run) are made once."""
+    for item in items:
+        if "trained_run" in item.fixturenames:
+            group = "trained_run"
+        elif "slurm" in item.fixturenames:
+            group = "slurm"
+        else:
+            group = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))

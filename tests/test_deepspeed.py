@@ -101,37 +101,41 @@ def test_two_ranks_zero2_gradients_are_one_rank_on_the_joined_batch(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def ds_run(fmnist_data, tmp_path_factory):
+    """ZeRO-2 through the real CLI, --accum-freq 2: steps of two loader batches of 32."""
+    logs = tmp_path_factory.mktemp("ds")
+    return train(fmnist_data, logs, "ds", "--accum-freq", "2", "--deepspeed", ROOT / "configs" / "ds_zero2_fp32.json")
+
+
+@pytest.fixture(scope="module")
 def plain_first_step(fmnist_data, tmp_path_factory):
-    return train(fmnist_data, tmp_path_factory.mktemp("plain"), "plain", steps=2)
+    return train(fmnist_data, tmp_path_factory.mktemp("plain"), "plain", "--accum-freq", "2", steps=2)
 
 
-def first_loss_tolerance():
+def first_loss_tolerance(batch):
     """Both runs evaluate the same float32 forward of the same seeded weights on the same first batch. The loss's
     own chain is bounded in the worst case (numerics.loss_tolerance); the features it starts from carry the
     rounding of the towers, LAMBDA u sqrt(N) of their rows' scale by the rounding model of tests/numerics.py, N
     counted on MRL-Tiny-28 at this batch size. Twice: two evaluations."""
     model = seeded_model()
     loss_fn = MatryoshkaClipLoss(TINY_DIMS)
-    _, _, info = numerics.reference(model, seeded_batch(32), loss_fn, TINY_DIMS, loss_fn.weights)
+    _, _, info = numerics.reference(model, seeded_batch(batch), loss_fn, TINY_DIMS, loss_fn.weights)
     feature_error = numerics.LAMBDA * numerics.U32 * info["events"] ** 0.5
-    return 2 * numerics.loss_tolerance(1 / 0.07, TINY_DIMS, loss_fn.weights, 32, feature_error=feature_error)
+    return 2 * numerics.loss_tolerance(1 / 0.07, TINY_DIMS, loss_fn.weights, batch, feature_error=feature_error)
 
 
-@pytest.mark.parametrize("stage", [2, pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
-def test_zero_engine_cli_first_loss_is_the_plain_loops(fmnist_data, plain_first_step, tmp_path, stage):
-    """The real CLI with --deepspeed zeroN.json: the first step's loss (computed before any update, from the same
-    seeded initial weights and the same data) equals the plain loop's to float32 rounding, and both runs finish."""
-    engine = train(fmnist_data, tmp_path, "ds", "--deepspeed", zero_config(tmp_path, stage), steps=2)
-    engine_losses, plain_losses = losses(engine), losses(plain_first_step)
-    assert len(engine_losses) == len(plain_losses) == 2
-    assert abs(engine_losses[0] - plain_losses[0]) <= first_loss_tolerance()
-    assert torch.load(engine / "checkpoints" / "step_2.pt", weights_only=True)["step"] == 2
-
-
-@pytest.fixture(scope="module")
-def ds_run(fmnist_data, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("ds")
-    return train(fmnist_data, logs, "ds", "--deepspeed", ROOT / "configs" / "ds_zero2_fp32.json")
+def test_zero_engine_cli_takes_the_plain_loops_first_step(ds_run, plain_first_step):
+    """The real CLI with --deepspeed and --accum-freq 2: the first step's loss (computed before any update, from
+    the same seeded initial weights on the same 2 x 32 samples) equals the plain loop's to float32 rounding; every
+    step is DeepSpeed's accumulation of two micro-batches of one loader batch each (4 optimizer steps, 8 batches,
+    256 samples read)."""
+    engine_losses, plain_losses = losses(ds_run), losses(plain_first_step)
+    assert len(engine_losses) == STEPS and len(plain_losses) == 2
+    assert abs(engine_losses[0] - plain_losses[0]) <= first_loss_tolerance(64)
+    state = torch.load(ds_run / "checkpoints" / "deepspeed" / f"step_{STEPS}" / "mp_rank_00_model_states.pt",
+                       weights_only=False)
+    assert state["global_steps"] == STEPS and state["data"][0]["batches"] == 2 * STEPS
+    assert state["data"][0]["consumed"] == {0: 2 * STEPS * 32}
 
 
 def test_deepspeed_run_writes_open_clip_checkpoints_and_converts(ds_run, tmp_path):

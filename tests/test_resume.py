@@ -20,10 +20,10 @@ def one_shard(tmp_path_factory):
     return fashion_mnist.build_train_shards(fashion_mnist.DEBIAN_DIR, folder, shard_size=200, limit=200)
 
 
-EPOCHS, STEPS = 3, 21
+EPOCHS, STEPS = 2, 14
 
 
-def three_epochs(data, logs, *extra):
+def two_epochs(data, logs, *extra):
     return [*TRAIN, "--train-data", data, "--workers", "1", "--epochs", str(EPOCHS), "--logs", logs, *extra]
 
 
@@ -34,7 +34,7 @@ def final_state(logs):
 @pytest.fixture(scope="module")
 def unbroken(one_shard, tmp_path_factory):
     logs = tmp_path_factory.mktemp("unbroken")
-    result = run_module(*three_epochs(one_shard, logs, "--name", "run"))
+    result = run_module(*two_epochs(one_shard, logs, "--name", "run"))
     assert result.returncode == 0, result.stderr[-2000:]
     return final_state(logs)
 
@@ -42,10 +42,10 @@ def unbroken(one_shard, tmp_path_factory):
 def test_resume_after_the_last_full_pass_takes_the_unbroken_runs_last_batch(one_shard, unbroken, tmp_path):
     """Stopped after step 6, the resumed stream skips the 192 samples read, reads the 8 left (no batch), and must
     go on to the second pass rather than end the epoch on a pass that yielded nothing; the run then goes on
-    through two more epochs to the unbroken run's weights."""
-    stopped = run_module(*three_epochs(one_shard, tmp_path, "--name", "run", "--max-steps", "6"))
+    through the next epoch to the unbroken run's weights."""
+    stopped = run_module(*two_epochs(one_shard, tmp_path, "--name", "run", "--max-steps", "6"))
     assert stopped.returncode == 0, stopped.stderr[-2000:]
-    resumed = run_module(*three_epochs(one_shard, tmp_path, "--name", "run", "--resume", "latest"))
+    resumed = run_module(*two_epochs(one_shard, tmp_path, "--name", "run", "--resume", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed at step 6" in resumed.stderr and f"done: {STEPS} steps" in resumed.stderr
     assert_same_training_state(unbroken, final_state(tmp_path))
@@ -54,7 +54,7 @@ def test_resume_after_the_last_full_pass_takes_the_unbroken_runs_last_batch(one_
 def test_usr1_without_deepspeed_checkpoints_exits_75_and_resumes_bitwise(one_shard, unbroken, tmp_path):
     """SLURM's pre-emption warning to a plain (non-DeepSpeed) run: it checkpoints the step it is at and exits 75;
     the resumed run ends with the unbroken run's weights and optimizer state, to the bit."""
-    proc = start_module(*three_epochs(one_shard, tmp_path, "--name", "run", "--save-every-n-steps", "100"))
+    proc = start_module(*two_epochs(one_shard, tmp_path, "--name", "run", "--save-every-n-steps", "100"))
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.monotonic() + 300
     while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
@@ -67,7 +67,7 @@ def test_usr1_without_deepspeed_checkpoints_exits_75_and_resumes_bitwise(one_sha
     assert 2 <= stopped_at < STEPS
     assert (tmp_path / "run" / "checkpoints" / f"step_{stopped_at}.pt").is_file()
 
-    resumed = run_module(*three_epochs(one_shard, tmp_path, "--name", "run", "--resume", "latest"))
+    resumed = run_module(*two_epochs(one_shard, tmp_path, "--name", "run", "--resume", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed at step {stopped_at}" in resumed.stderr
     assert [r["step"] for r in log_records(tmp_path / "run")] == list(range(1, STEPS + 1))
