@@ -26,13 +26,14 @@ setup: $(STAMP) data-deps
 demo: setup
 	$(PY) -m pipelines.demo --out runs/demo
 
-# Two pytest-xdist workers, one per core: most tests wait on a one-thread training subprocess. tests/conftest.py
-# keeps each module (and the tests of the shared trained model, and the cluster tests) on one worker.
+# Two pytest-xdist workers, one per core: most tests wait on a one-thread training subprocess. Each test file
+# stays on one worker (its module fixtures, the one Slurm cluster); tests/conftest.py makes the data and the
+# trained model once for both.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # A real one-node Slurm cluster on this machine (root): what the cluster tests use; they start it themselves too.
 cluster:

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -21,43 +22,48 @@ def run_module(*args, timeout=600, env=None):
                           timeout=timeout, cwd=ROOT, env=full_env)
 
 
+def made_once(tmp_path_factory, name: str, make) -> dict:
+    """make(folder) -> {key: Path or str}, made once per test run also under `make test`'s pytest-xdist workers
+    (pytest-xdist's recipe): the first worker to ask makes it under a lock in the run's temporary folder, which the
+    workers share; the others wait, then read what it recorded."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    record = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not record.is_file():
+            made = make(shared / name)
+            record.write_text(json.dumps({k: [isinstance(v, Path), str(v)] for k, v in made.items()}))
+    return {k: Path(v) if is_path else v for k, (is_path, v) in json.loads(record.read_text()).items()}
+
+
 @pytest.fixture(scope="session")
 def fmnist_data(tmp_path_factory):
     """Small real-data shards: 4 x 512 training pairs, a CLIP_benchmark classification folder (500 test and 1000
     train images) and a retrieval folder (200 images x 2 captions), both written by CLIP_benchmark's converters."""
     if not (fashion_mnist.DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"Fashion-MNIST missing: {fashion_mnist.INSTALL_HINT} (make test installs it)")
-    out = tmp_path_factory.mktemp("fmnist")
-    pattern = fashion_mnist.build_train_shards(fashion_mnist.DEBIAN_DIR, out, shard_size=512, limit=2048)
-    eval_dir = fashion_mnist.build_eval_folder(fashion_mnist.DEBIAN_DIR, out / "fashion_mnist_test", limit=500,
-                                               train_limit=1000)
-    captions = fashion_mnist.build_retrieval_folder(fashion_mnist.DEBIAN_DIR, out / "captions", per_class=20)
-    return {"root": out, "train": pattern, "eval": eval_dir, "captions": captions}
+
+    def make(out):
+        source = fashion_mnist.DEBIAN_DIR
+        return {"root": out, "train": fashion_mnist.build_train_shards(source, out, shard_size=512, limit=2048),
+                "eval": fashion_mnist.build_eval_folder(source, out / "fashion_mnist_test", limit=500,
+                                                        train_limit=1000),
+                "captions": fashion_mnist.build_retrieval_folder(source, out / "captions", per_class=20)}
+    return made_once(tmp_path_factory, "fmnist", make)
 
 
 @pytest.fixture(scope="session")
 def trained_run(fmnist_data, tmp_path_factory):
     """A tiny MRL model trained by the real CLI for a small budget (shared by the eval and interop tests)."""
-    logs = tmp_path_factory.mktemp("runs")
-    result = run_module("mrl_clip.train", "--model", TINY, "--train-data", fmnist_data["train"],
-                        "--dims", ",".join(map(str, TINY_DIMS)), "--batch-size", "64", "--epochs", "4",
-                        "--lr", "1e-3", "--warmup", "10", "--workers", "1", "--threads", "2",
-                        "--logs", logs, "--name", "tiny", "--save-every-n-steps", "40")
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = logs / "tiny"
-    return {"dir": run_dir, "checkpoint": latest_checkpoint(run_dir / "checkpoints"),
-            "export": run_dir / "export", "stderr": result.stderr}
-
-
-def pytest_collection_modifyitems(items):
-    """For `make test`'s two pytest-xdist workers (--dist loadgroup): the tests on the trained model share one
-    worker (the model is trained once), the cluster tests another (one Slurm cluster), and every other module
-    stays whole on one worker, so its module fixtures (a training run, a DeepSpeed run) are made once."""
-    for item in items:
-        if "trained_run" in item.fixturenames:
-            group = "trained_run"
-        elif "slurm" in item.fixturenames:
-            group = "slurm"
-        else:
-            group = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+    def make(logs):
+        result = run_module("mrl_clip.train", "--model", TINY, "--train-data", fmnist_data["train"],
+                            "--dims", ",".join(map(str, TINY_DIMS)), "--batch-size", "64", "--epochs", "4",
+                            "--lr", "1e-3", "--warmup", "10", "--workers", "1", "--threads", "2",
+                            "--logs", logs, "--name", "tiny", "--save-every-n-steps", "40")
+        assert result.returncode == 0, result.stderr[-3000:]
+        run_dir = logs / "tiny"
+        return {"dir": run_dir, "checkpoint": latest_checkpoint(run_dir / "checkpoints"),
+                "export": run_dir / "export", "stderr": result.stderr}
+    return made_once(tmp_path_factory, "trained_run", make)
