@@ -27,13 +27,13 @@ demo: setup
 	$(PY) -m pipelines.demo --out runs/demo
 
 # Two pytest-xdist workers, one per core: most tests wait on a one-thread training subprocess. Each test file
-# stays on one worker (its module fixtures, the one Slurm cluster); tests/conftest.py makes the data and the
-# trained model once for both.
+# stays on one worker (its module fixtures, the one Slurm cluster), the longest files first; tests/conftest.py
+# makes the data and the trained model once for both.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # A real one-node Slurm cluster on this machine (root): what the cluster tests use; they start it themselves too.
 cluster:

@@ -67,3 +67,14 @@ def trained_run(fmnist_data, tmp_path_factory):
         return {"dir": run_dir, "checkpoint": latest_checkpoint(run_dir / "checkpoints"),
                 "export": run_dir / "export", "stderr": result.stderr}
     return made_once(tmp_path_factory, "trained_run", make)
+
+
+# The longest test files, longest first (measured on the 2-core machine): `make test` hands whole files to its two
+# workers in collection order (--no-loadscope-reorder), so these start first and the short ones fill in after.
+LONGEST_FIRST = ["test_slurm", "test_eval", "test_deepspeed", "test_train", "test_resume", "test_reliability",
+                 "test_deepspeed_step", "test_retrieval"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))

@@ -115,6 +115,7 @@ from mrl_clip.files import atomic_torch_save, remove_partial_files
 folder, cycles = sys.argv[1], int(sys.argv[2])
 state = {"state_dict": {"w": torch.randn(8 * 2**20)}, "step": 0}  # 32 MiB
 rng = random.Random()
+atomic_torch_save(state, os.path.join(folder, "step_0.pt"))  # the run has a checkpoint: no kill may lose it
 for cycle in range(cycles):
     found = step_checkpoints(folder)
     step = found[-1][0] if found else 0
