@@ -13,7 +13,6 @@ from pathlib import Path
 from .. import models
 from ..checkpoint import export_local_dir
 from ..errors import ArgumentParser, UserError, run_cli
-from ..files import atomic_torch_save
 from . import deepspeed_engine
 
 
@@ -34,15 +33,9 @@ def main(argv=None):
     if not (ds_dir / tag).is_dir():
         raise UserError(f"no checkpoint {tag} in {ds_dir} (found: "
                         f"{', '.join(p.name for _, p in deepspeed_engine.step_tags(ds_dir)) or 'none'})")
-    checkpoint = deepspeed_engine.open_clip_checkpoint(ds_dir, tag)
-    if "model" not in checkpoint:
-        raise UserError(f"{ds_dir / tag} was not written by mrl_clip.train (no model name in it)")
-
     out = Path(args.out)
     checkpoint_path = out / f"{tag}.pt"
-    atomic_torch_save(checkpoint, checkpoint_path)
-    model = models.create(checkpoint["model"])[0]
-    model.load_state_dict(checkpoint["state_dict"])
+    checkpoint, model = deepspeed_engine.write_open_clip_checkpoint(ds_dir, tag, checkpoint_path)
     export_local_dir(model, models.model_config(checkpoint["model"]), out / "export")
     print(f"{checkpoint_path} (open_clip checkpoint of {checkpoint['model']}, step {checkpoint.get('step')}); "
           f"local-dir:{out / 'export'}")

@@ -178,6 +178,20 @@ def open_clip_checkpoint(ds_dir: Path, tag: str) -> dict:
     return {**client_state(ds_dir, tag), "state_dict": fp32_state_dict(ds_dir, tag), "deepspeed": tag}
 
 
+def write_open_clip_checkpoint(ds_dir: Path, tag: str, path: Path) -> tuple[dict, object]:
+    """(checkpoint, model): open_clip_checkpoint of `tag` written atomically to `path`, and the open_clip model it
+    names, holding those weights."""
+    from .. import models
+
+    checkpoint = open_clip_checkpoint(ds_dir, tag)
+    if "model" not in checkpoint:
+        raise UserError(f"{Path(ds_dir) / tag} was not written by mrl_clip.train (no model name in it)")
+    atomic_torch_save(checkpoint, path)
+    model = models.create(checkpoint["model"])[0]
+    model.load_state_dict(checkpoint["state_dict"])
+    return checkpoint, model
+
+
 def fp32_state_dict(ds_dir: Path, tag: str) -> dict:
     """open_clip's fp32 state dict rebuilt from a DeepSpeed checkpoint folder (any ZeRO stage, any world size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -257,10 +271,5 @@ class DeepSpeedEngine:
     def export_model(self, checkpoint_dir: Path, step: int):
         """Rank 0, after the last save: the fp32 weights rebuilt from DeepSpeed's checkpoint, written as
         checkpoint_dir/step_N.pt in open_clip's format (weights only) and returned as an open_clip model."""
-        from .. import models
-
-        checkpoint = open_clip_checkpoint(Path(checkpoint_dir) / "deepspeed", step_tag(step))
-        atomic_torch_save(checkpoint, Path(checkpoint_dir) / f"step_{step}.pt")
-        model = models.create(self.model_name)[0]
-        model.load_state_dict(checkpoint["state_dict"])
-        return model
+        return write_open_clip_checkpoint(Path(checkpoint_dir) / "deepspeed", step_tag(step),
+                                          Path(checkpoint_dir) / f"step_{step}.pt")[1]
