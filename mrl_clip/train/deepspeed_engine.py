@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..checkpoint import prune_checkpoints, step_checkpoints
 from ..errors import UserError
 from ..files import atomic_torch_save, atomic_write
-from .plain_engine import LOGIT_SCALE_MAX, RUN_STATE_KEYS
+from .plain_engine import LOGIT_SCALE_MAX, RUN_STATE_KEYS, check_locks
 
 TAG_PREFIX = "step_"
 STEP_TAG = re.compile(r"^step_(\d+)$")
@@ -169,8 +169,8 @@ def client_state(ds_dir: Path, tag: str) -> dict:
     if path is None:
         raise UserError(f"not a DeepSpeed checkpoint folder (no mp_rank_00_model_states.pt): {folder}")
     states = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: states[k] for k in ("step", "epoch", "name", "model", "dims", "dim_weights", "world_size", "seed")
-            if k in states}
+    keys = ("step", "epoch", "name", "model", "dims", "dim_weights", "world_size", "seed", "locks")
+    return {k: states[k] for k in keys if k in states}
 
 
 def open_clip_checkpoint(ds_dir: Path, tag: str) -> dict:
@@ -251,7 +251,8 @@ class DeepSpeedEngine:
         tag = latest_tag(Path(checkpoint_dir) / "deepspeed")
         return Path(checkpoint_dir) / "deepspeed" / tag if tag else None
 
-    def resume(self, resume: Optional[str], checkpoint_dir: Path, dims: list, model_name: str) -> tuple:
+    def resume(self, resume: Optional[str], checkpoint_dir: Path, dims: list, model_name: str,
+               locks: str = "") -> tuple:
         """(step, run state, False: DeepSpeed keeps no RNG state) from --resume: 'latest' (DeepSpeed's newest
         complete checkpoint of this run; none yet: a fresh start) or a checkpoint folder RUN/checkpoints/deepspeed/
         step_N."""
@@ -263,6 +264,7 @@ class DeepSpeedEngine:
                 return 0, {}, False
         else:
             folder = Path(resume)
+        check_locks(folder, client_state(folder.parent, folder.name).get("locks", ""), locks)
         state = load(self.engine, folder.parent, folder.name)
         if state.get("dims") not in (None, dims):
             raise UserError(f"{folder} was trained with --dims {state['dims']}, not {dims}")

@@ -30,7 +30,7 @@ from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss
-from . import deepspeed_engine
+from . import deepspeed_engine, finetune
 from .agree import RankAgreement
 from .data import batches_per_epoch, check_shards, count_samples, gather_positions, position_for_rank, rank_shards
 from .guards import NonFiniteSteps
@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="python -m mrl_clip.train", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="open_clip model name (ours: MRL-Tiny-28, ViT-B-32-768)")
-    p.add_argument("--pretrained", default=None, help="initial weights: an open_clip checkpoint file")
+    p.add_argument("--pretrained", default=None,
+                   help="initial weights: an open_clip checkpoint file, or a pretrained tag of --model")
     p.add_argument("--train-data", required=True,
                    help="shard URLs with brace expansion, e.g. 'd/train-{0000..0099}.tar'")
     p.add_argument("--train-num-samples", type=int, default=None,
@@ -87,7 +88,9 @@ def parse_args(argv=None):
                    help="stop when more than this fraction of the samples read are bad (default 0.01)")
     p.add_argument("--max-nonfinite-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (default 10)")
+    finetune.add_flags(p)
     args = p.parse_args(argv)
+    finetune.check_flags(args)
     args.dims = parse_int_list(args.dims, "--dims")
     args.dim_weights = parse_float_list(args.dim_weights, "--dim-weights") if args.dim_weights else None
     for flag in ("batch_size", "epochs", "accum_freq", "save_every_n_steps", "log_every_n_steps",
@@ -118,10 +121,15 @@ def main(argv=None):
     run_dir = Path(args.logs) / args.name
 
     random_seed(args.seed, 0)  # the same initial weights on every rank
-    model, preprocess_train, _, tokenizer = models.create(args.model, args.pretrained, device=str(device))
+    # only when asked: models.create takes pretrained_image once the towers change is in
+    image_weights = {"pretrained_image": True} if args.pretrained_image else {}
+    model, preprocess_train, _, tokenizer = models.create(args.model, args.pretrained, device=str(device),
+                                                          **image_weights)
     clamp_logit_scale(model)
+    finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
     engine, optimizer = make_engine(args, model, device, ds_config)
-    step, run_state, rng_restored = engine.resume(args.resume, run_dir / "checkpoints", args.dims, args.model)
+    step, run_state, rng_restored = engine.resume(args.resume, run_dir / "checkpoints", args.dims, args.model,
+                                                  finetune.lock_record(args))
     if not rng_restored:
         random_seed(args.seed + step * args.world_size, args.rank)  # a stream of its own for each (rank, step)
     if args.distributed and ds_config is None:
@@ -148,6 +156,7 @@ def main(argv=None):
 def check_inputs(args) -> None:
     args.dims = check_dims(args.dims, models.embed_width(args.model), must_end_at_width=True)
     args.dim_weights = check_weights(args.dim_weights, args.dims)
+    finetune.check_pretrained_image(args)
     check_shards(args.train_data, args.max_bad_fraction)
     if args.train_num_samples is None:
         args.train_num_samples = count_samples(args.train_data)
@@ -219,7 +228,7 @@ def save(run: Run) -> None:
     payload = {"step": run.step, "epoch": run.step // run.steps_per_epoch, "name": args.name, "model": args.model,
                "dims": args.dims, "dim_weights": args.dim_weights, "world_size": args.world_size, "seed": args.seed,
                "data": gather_positions(run.position, args.distributed, args.world_size),
-               "nonfinite": run.nonfinite.state_dict()}
+               "nonfinite": run.nonfinite.state_dict(), "locks": finetune.lock_record(args)}
     run.engine.save_checkpoint(run.checkpoint_dir, run.step, payload, args.keep_checkpoints)
 
 

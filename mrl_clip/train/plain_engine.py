@@ -35,6 +35,13 @@ def make_optimizer(model, lr: float, wd: float, betas: tuple, eps: float):
         lr=lr, betas=betas, eps=eps)
 
 
+def check_locks(path, saved: str, locks: str) -> None:
+    """A resume locks what its run locked: the optimizer state holds the trainable parameters only."""
+    if saved != locks:
+        raise UserError(f"{path} was trained with lock flags '{saved or 'none'}', not '{locks or 'none'}': "
+                        "resume with the same --lock-* flags")
+
+
 def gradients_finite(model) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
@@ -113,7 +120,8 @@ class PlainEngine:
     def last_checkpoint(self, checkpoint_dir: Path) -> Optional[Path]:
         return latest_checkpoint(checkpoint_dir)
 
-    def resume(self, resume: Optional[str], checkpoint_dir: Path, dims: list, model_name: str) -> tuple:
+    def resume(self, resume: Optional[str], checkpoint_dir: Path, dims: list, model_name: str,
+               locks: str = "") -> tuple:
         """(step, run state, whether the RNG state was restored) from --resume: 'latest' (the newest step_N.pt
         that loads; none: a fresh start, as open_clip does) or a checkpoint file."""
         if resume is None:
@@ -128,15 +136,16 @@ class PlainEngine:
             if not path.is_file():
                 raise UserError(f"--resume checkpoint not found: {resume}")
             checkpoint = load_checkpoint_file(path)
-        self.load(path, checkpoint, dims, model_name)
+        self.load(path, checkpoint, dims, model_name, locks)
         restored = "rng" in checkpoint and checkpoint.get("world_size", 1) == self.world_size == 1
         if restored:
             set_rng_state(checkpoint["rng"][0])
         return int(checkpoint["step"]), {k: checkpoint[k] for k in RUN_STATE_KEYS if k in checkpoint}, restored
 
-    def load(self, path: Path, checkpoint: dict, dims: list, model_name: str) -> None:
+    def load(self, path: Path, checkpoint: dict, dims: list, model_name: str, locks: str = "") -> None:
         if checkpoint.get("dims") not in (None, dims):
             raise UserError(f"{path} was trained with --dims {checkpoint['dims']}, not {dims}")
+        check_locks(path, checkpoint.get("locks", ""), locks)
         if "optimizer" not in checkpoint:
             raise UserError(f"{path} holds weights only (a DeepSpeed run's fp32 copy): resume that run with "
                             "--deepspeed, or start from these weights with --pretrained")
