@@ -5,7 +5,9 @@
 #
 # Environment: TRAIN_DATA (required), OUTPUT_DIR (runs/slurm), RUN_NAME (job name + id, stable across requeues),
 # DS_CONFIG (configs/ds_zero2_fp32.json; empty: plain DDP), PYTHON (python). Extra arguments go to mrl_clip.train
-# after the defaults below, so they override them (e.g. --max-steps 40 --batch-size 32).
+# after the defaults below, so they override them (e.g. --max-steps 40 --batch-size 32), open_clip's fine-tuning
+# flags too (e.g. --pretrained runs/demo/tiny/checkpoints/step_N.pt --lock-image --lock-text
+# --lock-text-freeze-layer-norm --lock-text-unlocked-layers 1); a requeued job resumes with the same ones.
 #SBATCH --job-name=mrl-tiny
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=2

@@ -9,6 +9,10 @@
 # with --precision amp_bf16), PYTHON (python). Extra arguments go to
 # mrl_clip.train after the defaults below and override them (e.g. --epochs 10 --lr 1e-3).
 # Change nodes / GPUs per node on the sbatch command line or here; ranks = nodes x ntasks-per-node.
+# Fine-tuning takes open_clip's flags the same way; a requeued job gets the same ones, so it resumes with the same
+# parameters locked (a resume with other --lock-* flags is refused):
+#   TRAIN_DATA=... sbatch slurm/train_vitb.sh --pretrained runs/slurm/base/checkpoints/step_N.pt --lock-image \
+#     --lock-image-unlocked-groups 2 --grad-checkpointing --lr 1e-4 --warmup 500
 #SBATCH --job-name=mrl-vitb32
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8

@@ -130,13 +130,14 @@ def release_requeued_job(job_id, job, deadline):
 
 
 def test_train_vitb_script_runs_on_cpu_ranks(slurm, fmnist_data, tmp_path):
-    """The GPU job script's plumbing (resampled shards, DeepSpeed, requeue-safe run name) with its GPU header
-    overridden on the sbatch command line and the demo model in place of ViT-B-32-768."""
+    """The GPU job script's plumbing (resampled shards, DeepSpeed, requeue-safe run name, extra flags: here
+    open_clip's --lock-image on two ZeRO-2 ranks) with its GPU header overridden on the sbatch command line and the
+    demo model in place of ViT-B-32-768."""
     out = tmp_path / "job.out"
     job = subprocess.run(["sbatch", "--wait", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
                           "--output", str(out), str(ROOT / "slurm" / "train_vitb.sh"), "--model", "MRL-Tiny-28",
                           "--dims", "8,256", "--device", "cpu", "--batch-size", "32", "--max-steps", "4",
-                          "--workers", "1", "--threads", "1"],
+                          "--workers", "1", "--threads", "1", "--lock-image", "--lock-image-unlocked-groups", "1"],
                          cwd=ROOT, env=sbatch_env(tmp_path, fmnist_data["train"],
                                                   DS_CONFIG=str(ROOT / "configs" / "ds_zero2_fp32.json")),
                          capture_output=True, text=True, timeout=600)
@@ -145,6 +146,7 @@ def test_train_vitb_script_runs_on_cpu_ranks(slurm, fmnist_data, tmp_path):
     assert "2 ranks" in text and "done: 4 steps" in text
     checkpoint = torch.load(tmp_path / "runs" / "tiny" / "checkpoints" / "step_4.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and checkpoint["dims"] == [8, 256]
+    assert checkpoint["locks"] == "--lock-image --lock-image-unlocked-groups 1"  # extra flags reach every rank
 
 
 def test_two_ranks_zero2_gradients_equal_one_rank_on_joined_batch(slurm, tmp_path):
