@@ -34,10 +34,31 @@ LITE0_CONFIG = {"embed_dim": 64,
                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 
 
+HF_TINY = "HF-BERT-Test"
+
+
 @pytest.fixture(scope="module")
 def lite0_configs(tmp_path_factory):
+    """Test-local open_clip configs: LITE0, and HF_TINY, a ViT with a three-layer BERT text tower through open_clip's
+    Hugging Face tower (random weights and a letters-only WordPiece vocabulary in a local folder: no hub)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
     folder = tmp_path_factory.mktemp("configs")
     (folder / f"{LITE0}.json").write_text(json.dumps(LITE0_CONFIG))
+    bert = folder / "bert"
+    bert.mkdir()
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters,
+                                               *("##" + c for c in letters)]) + "\n")
+    BertTokenizerFast(str(bert / "vocab.txt")).save_pretrained(bert)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=57, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    BertModel(config, add_pooling_layer=False).save_pretrained(bert)
+    (folder / f"{HF_TINY}.json").write_text(json.dumps(
+        {"embed_dim": 64, "vision_cfg": {"image_size": 28, "layers": 2, "width": 64, "patch_size": 7},
+         "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": "linear",
+                      "hf_pooler_type": "mean_pooler", "context_length": 16}}))
     open_clip.add_model_config(folder)
     return folder
 
@@ -59,7 +80,7 @@ def train(data, logs, name, *extra, model=TINY, dims=TINY_DIMS, steps=STEPS, con
             "--warmup", "1", "--workers", "0", "--threads", "1", "--logs", logs, "--name", name,
             "--log-every-n-steps", "1", "--save-every-n-steps", "2", *extra]
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return logs / name
 
@@ -199,6 +220,27 @@ def test_deepspeed_zero2_keeps_locked_parameters_bitwise(fmnist_data, tmp_path):
     assert {n for n, _ in reference.named_parameters() if torch.equal(final[n], start[n])} == frozen
 
 
+def test_hugging_face_bert_tower_partly_locked_under_zero2(fmnist_data, lite0_configs, tmp_path):
+    """open_clip's HFTextEncoder.lock on a BERT tower (all-MiniLM-L6-v2's family), ZeRO-2 on the CPU,
+    --lock-text --lock-text-unlocked-layers 1 with open_clip_train's default (LayerNorms not frozen): the
+    embeddings and the first two of three layers are bitwise unchanged but for their LayerNorms, which train, as do
+    the last layer and the projection. The reference is written from the flags' documented meaning, by name."""
+    start_path, model = start_checkpoint(tmp_path, HF_TINY)
+    start = torch.load(start_path, weights_only=True)["state_dict"]
+    run_dir = train(fmnist_data, tmp_path, "hf", "--pretrained", start_path, "--lock-text",
+                    "--lock-text-unlocked-layers", "1", "--deepspeed", ROOT / "configs" / "ds_zero2_fp32.json",
+                    model=HF_TINY, dims=LITE0_DIMS, steps=2, configs=lite0_configs)
+    final = checkpoint(run_dir, 2)["state_dict"]
+    names = [n for n, _ in model.named_parameters()]
+    locked = {n for n in names if n.startswith(("text.transformer.embeddings.", "text.transformer.encoder.layer.0.",
+                                                "text.transformer.encoder.layer.1.")) and "LayerNorm" not in n}
+    assert len(locked) == 27
+    assert {n for n in names if torch.equal(final[n], start[n])} == locked
+    finetune.name_bert_layers()  # open_clip's own lock, given the layer names its table lacks for BERT
+    model.lock_text_tower(unlocked_layers=1, freeze_layer_norm=False)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == locked
+
+
 def test_group_counts_are_where_open_clip_stops_locking(lite0_configs):
     """The counts the flags are checked against: with N - 1 groups unlocked open_clip still locks something, with N
     nothing (of the timm trunk: its projection head is never locked)."""
@@ -246,7 +288,10 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, fmnist_data, tmp_path,
     assert not any(tmp_path.iterdir()), "the run started before refusing"
 
 
-def test_timm_tower_count_is_checked_too(fmnist_data, lite0_configs, tmp_path, capfd):
-    code, stderr = in_process(fmnist_data, tmp_path, "--lock-image", "--lock-image-unlocked-groups", "17",
-                              capfd=capfd, model=LITE0, dims=LITE0_DIMS)
-    assert code == 2 and "the image tower has 17 groups, so at most 16" in one_error_line(stderr)
+@pytest.mark.parametrize("model,flags,message", [
+    (LITE0, ["--lock-image", "--lock-image-unlocked-groups", "17"], "the image tower has 17 groups, so at most 16"),
+    (HF_TINY, ["--lock-text", "--lock-text-unlocked-layers", "4"], "the text tower has 4 groups, so at most 3")])
+def test_timm_and_hugging_face_counts_are_checked_too(model, flags, message, fmnist_data, lite0_configs, tmp_path,
+                                                      capfd):
+    code, stderr = in_process(fmnist_data, tmp_path, *flags, capfd=capfd, model=model, dims=LITE0_DIMS)
+    assert code == 2 and message in one_error_line(stderr)

@@ -2,12 +2,15 @@
 --grad-checkpointing, with open_clip_train's meaning (its params.py and main.py), built on open_clip's own
 lock_image_tower / lock_text_tower / set_grad_checkpointing.
 
-Where open_clip fails with an assert or silently does something else, the same input is a one-line error here:
+Where open_clip fails with an assert or silently does something else, the same input is a one-line error here
+(one case, BERT, is made to work):
 - a count of unlocked groups/layers at or above what the tower has unlocks the whole tower (open_clip clamps or
   slices without a word; on a timm tower with --lock-image-freeze-bn-stats it then freezes every BatchNorm);
 - --lock-text on open_clip's built-in text tower without --lock-text-freeze-layer-norm: open_clip asserts (its
   LayerNorms are locked like the other weights and cannot stay trainable), although open_clip_train's default for
   that flag is off;
+- --lock-text-unlocked-layers on a BERT Hugging Face tower: open_clip has no layer names for BERT and raises a
+  KeyError; it gets RoBERTa's (name_bert_layers), so open_clip's own lock() runs;
 - --lock-image-* / --lock-text-* options without --lock-image / --lock-text: open_clip_train ignores them; a run
   that trains the whole tower when its user meant to lock it is a wasted run, so it is an error, not a warning.
 """
@@ -87,12 +90,28 @@ def text_groups(model) -> int:
 
     text = getattr(model, "text", model)
     if isinstance(text, HFTextEncoder):
-        names = arch_dict[text.config.model_type]["config_names"]
+        name_bert_layers()
+        names = arch_dict.get(text.config.model_type, {}).get("config_names", {})
+        if "layer_attr" not in names or "token_embeddings_attr" not in names:
+            raise UserError(f"--lock-text-unlocked-layers: open_clip can only lock this {text.config.model_type} "
+                            "text tower whole (drop --lock-text-unlocked-layers)")
         encoder = getattr(text.transformer, "encoder", text.transformer)
         return len(getattr(encoder, names["layer_attr"])) + 1  # the embeddings, then each layer
     # open_clip's built-in tower: the embeddings, each block but the last, the last block with ln_final, the
     # projection (when there is one)
     return len(text.transformer.resblocks) + 1 + (getattr(text, "text_projection", None) is not None)
+
+
+def name_bert_layers() -> None:
+    """open_clip's table of Hugging Face architectures gives BERT (all-MiniLM-L6-v2's family) no layer names, so its
+    HFTextEncoder.lock(unlocked_layers=N) raises a KeyError on a BERT tower. BertModel is laid out as RoBERTa is
+    (`embeddings`, `encoder.layer`), so RoBERTa's names; an open_clip that names them itself keeps its own."""
+    from open_clip.hf_model import arch_dict
+
+    names = arch_dict.get("bert", {}).get("config_names")
+    if names is not None:
+        names.setdefault("layer_attr", "layer")
+        names.setdefault("token_embeddings_attr", "embeddings")
 
 
 def check_count(option: str, value: int, groups: int, tower: str) -> None:
