@@ -295,3 +295,33 @@ def test_timm_and_hugging_face_counts_are_checked_too(model, flags, message, fmn
                                                       capfd):
     code, stderr = in_process(fmnist_data, tmp_path, *flags, capfd=capfd, model=model, dims=LITE0_DIMS)
     assert code == 2 and message in one_error_line(stderr)
+
+
+def test_packaged_align_towers_locked_under_zero2(fmnist_data, towers_env, towers_here, tmp_path):
+    """ALIGN-Lite0-MiniLM-384 from the packaged weights (--pretrained-image: the ImageNet EfficientNet-Lite0; the
+    MiniLM text tower loads its own), ZeRO-2 on the CPU: --lock-image --lock-image-freeze-bn-stats and --lock-text
+    --lock-text-unlocked-layers 2 (of MiniLM's embeddings + 6 layers). The locked weights and BatchNorm statistics
+    end bitwise as the packaged towers start (a fresh in-process model from the same cache)."""
+    from mrl_clip import models
+
+    name = "ALIGN-Lite0-MiniLM-384"
+    run = [sys.executable, "-m", "mrl_clip.train", "--model", name, "--train-data", fmnist_data["train"],
+           "--dims", "48,96,192,384", "--batch-size", "8", "--max-steps", "2", "--lr", "1e-3", "--warmup", "1",
+           "--workers", "0", "--threads", "1", "--logs", tmp_path, "--name", "align", "--save-every-n-steps", "2",
+           "--pretrained-image", "--lock-image", "--lock-image-freeze-bn-stats", "--lock-text",
+           "--lock-text-unlocked-layers", "2", "--deepspeed", ROOT / "configs" / "ds_zero2_fp32.json"]
+    result = subprocess.run([str(a) for a in run], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **towers_env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = checkpoint(tmp_path / "align", 2)["state_dict"]
+    start = models.create(name, pretrained_image=True)[0].state_dict()
+    text_locked = ("text.transformer.embeddings.", *(f"text.transformer.encoder.layer.{i}." for i in range(4)))
+    locked = [k for k in start if k.startswith("visual.trunk.") and "num_batches_tracked" not in k
+              or k.startswith(text_locked) and "LayerNorm" not in k]
+    assert {k.split(".")[0] for k in locked} == {"visual", "text"} and any("running_var" in k for k in locked)
+    assert all(torch.equal(final[k], start[k]) for k in locked)
+    # loaded like the locked ones, but trainable: an unlocked layer, and a locked layer's LayerNorm (open_clip_train's
+    # default leaves a Hugging Face tower's LayerNorms trainable)
+    moved = ["text.transformer.encoder.layer.5.output.dense.weight",
+             "text.transformer.encoder.layer.0.output.LayerNorm.weight"]
+    assert not any(torch.equal(final[k], start[k]) for k in moved)

@@ -121,10 +121,8 @@ def main(argv=None):
     run_dir = Path(args.logs) / args.name
 
     random_seed(args.seed, 0)  # the same initial weights on every rank
-    # only when asked: models.create takes pretrained_image once the towers change is in
-    image_weights = {"pretrained_image": True} if args.pretrained_image else {}
     model, preprocess_train, _, tokenizer = models.create(args.model, args.pretrained, device=str(device),
-                                                          **image_weights)
+                                                          pretrained_image=args.pretrained_image)
     clamp_logit_scale(model)
     finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
     engine, optimizer = make_engine(args, model, device, ds_config)
