@@ -52,6 +52,8 @@ TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special
               "model.safetensors")
 IMAGE_FILES = ("config.json", "model.safetensors")
 PACKAGED_REPOS = (TEXT_REPO, IMAGE_REPO)
+ALIGN_LITE = "ALIGN-Lite0-MiniLM-384"
+ALIGN_LITE_DIMS = [12, 24, 48, 96, 192, 384]  # --dims for it: halvings of the 384-d width down to 1/32
 
 
 def hub_cache() -> Path:
