@@ -1,6 +1,9 @@
-"""The embedded demo: Fashion-MNIST shards -> a Matryoshka CLIP and a standard CLIP trained with the same
-budget on the CPU -> zero-shot accuracy, retrieval recall, linear probes (MRL, MRL-E, per-dim baselines) and
-cascades of both at every nested dim -> tables, JSON files, plots.
+"""The embedded demo, in three acts, each at every nested dim, with tables, JSON files and plots:
+1. Fashion-MNIST shards -> a Matryoshka CLIP and a standard CLIP trained from scratch with the same budget on the
+   CPU -> zero-shot accuracy, retrieval recall, linear probes (MRL, MRL-E, per-dim baselines) and cascades.
+2. ALIGN-style pretrained towers (EfficientNet-Lite0 + all-MiniLM-L6-v2) trained on OpenMoji's captions,
+   Matryoshka vs standard -> held-out image<->text recall and Fashion-MNIST zero-shot (pipelines/demo_align.py).
+3. Act 1's standard model made Matryoshka by a short fine-tune (pipelines/demo_mrlize.py).
 
     python -m pipelines.demo --out runs/demo      (what `make demo` runs)
 
@@ -8,6 +11,7 @@ Re-running resumes: built shards are kept, training resumes from its latest chec
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,7 +21,7 @@ from mrl_clip.checkpoint import latest_checkpoint
 from mrl_clip.errors import ArgumentParser, UserError, run_cli
 from mrl_clip.eval.report import format_side_by_side, plot_metrics
 from mrl_clip.files import write_json
-from pipelines import fashion_mnist
+from pipelines import demo_align, demo_mrlize, fashion_mnist
 
 MODEL = "MRL-Tiny-28"
 DIMS = [8, 16, 32, 64, 128, 256]
@@ -42,12 +46,12 @@ def build_data(data_dir: Path, source: Path) -> str:
     return pattern
 
 
-def evaluate(task: str, runs: dict, data: Path, out: Path, *extra) -> dict:
+def evaluate(task: str, runs: dict, data: Path, out: Path, dims: list, *extra) -> dict:
     """`python -m mrl_clip.eval TASK` on both models, as a user would run it; returns its JSON."""
     exports = [f"local-dir:{run_dir / 'export'}" for run_dir in runs.values()]
     name = task.replace("-", "_")
     cmd = [sys.executable, "-m", "mrl_clip.eval", task, "--model", exports[0], "--compare", exports[1],
-           "--data", str(data), "--dims", ",".join(map(str, DIMS)), "--output", str(out / f"{name}.json"),
+           "--data", str(data), "--dims", ",".join(map(str, dims)), "--output", str(out / f"{name}.json"),
            *extra]
     print("[demo] " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
@@ -93,32 +97,58 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--align-steps", type=int, default=120, help="act 2: training steps per model")
+    parser.add_argument("--align-batch-size", type=int, default=64)
+    parser.add_argument("--align-lr", type=float, default=1e-4)
+    parser.add_argument("--mrlize-steps", type=int, default=100, help="act 3: Matryoshka fine-tune steps")
+    parser.add_argument("--mrlize-lr", type=float, default=5e-4)
+    parser.add_argument("--acts", default="1,2,3", help="which acts to run (act 3 needs act 1's standard model)")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        raise UserError("--steps must be at least 1")
+    for flag in ("steps", "align_steps", "align_batch_size", "mrlize_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    acts = set(args.acts.split(","))
+    if not acts or not acts <= {"1", "2", "3"}:
+        raise UserError(f"--acts takes a comma-separated subset of 1,2,3, got {args.acts!r}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the towers come from PyPI packages (make setup); no hub here
 
     started = time.time()
     shards = build_data(args.out / "data", args.source)
-    runs = {"mrl": train(args.out, "mrl", DIMS, shards, args),
-            "standard": train(args.out, "standard", DIMS[-1:], shards, args)}
+    if "1" in acts or "3" in acts:
+        runs = {"mrl": train(args.out, "mrl", DIMS, shards, args),
+                "standard": train(args.out, "standard", DIMS[-1:], shards, args)}
+    if "1" in acts:
+        act_one(runs, args)
+    if "2" in acts:
+        print("\n[demo] act 2: ALIGN-style pretrained towers on OpenMoji captions", flush=True)
+        demo_align.run(args.out, args.source, evaluate, args)
+    if "3" in acts:
+        print("\n[demo] act 3: the standard model made Matryoshka", flush=True)
+        start = latest_checkpoint(runs["standard"] / "checkpoints")
+        demo_mrlize.run(args.out, MODEL, start, shards, args.out / "data" / "fashion_mnist_test", DIMS, args)
+    print(f"[demo] results in {args.out} ({time.time() - started:.0f} s)")
+    return 0
 
+
+def act_one(runs: dict, args) -> None:
+    """Zero-shot, retrieval, linear probes and cascades of act 1's two models."""
     data = args.out / "data"
-    zeroshot = evaluate("zeroshot", runs, data / "fashion_mnist_test", args.out)
+    zeroshot = evaluate("zeroshot", runs, data / "fashion_mnist_test", args.out, DIMS)
     results = dict(zip(runs, zeroshot["models"].values()))
     write_json({"task": "zeroshot", "data": zeroshot["data"], "models": results}, args.out / "results.json")
     plot_metrics(results, ["acc1"], args.out / "accuracy_vs_dim.png",
                  title="Fashion-MNIST zero-shot top-1: MRL vs standard CLIP")
-    evaluate("retrieval", runs, data / "fashion_mnist_captions", args.out, "--plot", str(args.out / "retrieval.png"))
-    evaluate("linear-probe", runs, data / "fashion_mnist_test", args.out, "--plot",
+    evaluate("retrieval", runs, data / "fashion_mnist_captions", args.out, DIMS,
+             "--plot", str(args.out / "retrieval.png"))
+    evaluate("linear-probe", runs, data / "fashion_mnist_test", args.out, DIMS, "--plot",
              str(args.out / "linear_probe.png"))
-    evaluate("cascade", runs, data / "fashion_mnist_test", args.out)
+    evaluate("cascade", runs, data / "fashion_mnist_test", args.out, DIMS)
     print()
     print(format_side_by_side(results, "acc1"))
     print()
     print(summarise(results))
-    print(f"[demo] results in {args.out}: results.json (zero-shot), retrieval.json, linear_probe.json, cascade.json, "
-          f"accuracy_vs_dim.png, retrieval.png, linear_probe.png ({time.time() - started:.0f} s)")
-    return 0
+    print(f"[demo] act 1 results in {args.out}: results.json (zero-shot), retrieval.json, linear_probe.json, "
+          "cascade.json, accuracy_vs_dim.png, retrieval.png, linear_probe.png")
 
 
 if __name__ == "__main__":
