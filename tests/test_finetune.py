@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -206,6 +207,31 @@ def test_timm_tower_batch_norm_statistics_frozen_only_when_asked(fmnist_data, li
     _, frozen = frozen_by_open_clip(LITE0, image_groups=0)
     assert {n for n in frozen if not torch.equal(final[n], start[n])} == set()
     assert not torch.equal(final["visual.head.proj.weight"], start["visual.head.proj.weight"])  # timm: head trains
+
+
+def test_frozen_timm_batch_norm_keeps_the_towers_function(lite0_configs):
+    """--lock-image --lock-image-freeze-bn-stats on a timm EfficientNet: in train mode, the locked tower computes
+    what the unlocked tower computes in eval mode (float64, so only rounding differs: ~1e-15 here). timm's
+    BatchNormAct2d is batch norm plus the activation; open_clip's own freeze turns it into a bare FrozenBatchNorm2d,
+    which drops the activation (the second check: it fails on open_clip's lock)."""
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    reference = open_clip.create_model(LITE0).double().eval()
+    weights = copy.deepcopy(reference.state_dict())
+    with torch.no_grad():
+        expected = reference.visual.trunk(images)
+    args = SimpleNamespace(model=LITE0, lock_image_unlocked_groups=0, lock_image_freeze_bn_stats=True)
+    finetune.lock_image(reference, args)
+    with torch.no_grad():
+        ours = reference.train().visual.trunk(images)
+    assert (ours - expected).abs().max() <= 1e-9 * expected.abs().max()
+
+    open_clips = open_clip.create_model(LITE0).double()
+    open_clips.load_state_dict(weights)
+    open_clips.lock_image_tower(freeze_bn_stats=True)
+    with torch.no_grad():
+        dropped = open_clips.train().visual.trunk(images)
+    assert not torch.allclose(dropped, expected)
 
 
 def test_deepspeed_zero2_keeps_locked_parameters_bitwise(fmnist_data, tmp_path):

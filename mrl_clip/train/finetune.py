@@ -14,6 +14,8 @@ Where open_clip fails with an assert or silently does something else, the same i
 - --lock-image-* / --lock-text-* options without --lock-image / --lock-text: open_clip_train ignores them; a run
   that trains the whole tower when its user meant to lock it is a wasted run, so it is an error, not a warning.
 """
+import torch
+
 from ..errors import UserError
 
 IMAGE_OPTIONS = ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats")
@@ -127,8 +129,32 @@ def lock_image(model, args) -> None:
                         f"({type(visual).__name__} has no lock())")
     if args.lock_image_unlocked_groups:
         check_count("lock_image_unlocked_groups", args.lock_image_unlocked_groups, image_groups(visual), "image")
+    from open_clip.timm_model import TimmModel
+
+    timm_tower = isinstance(visual, TimmModel)
     model.lock_image_tower(unlocked_groups=args.lock_image_unlocked_groups,
-                           freeze_bn_stats=args.lock_image_freeze_bn_stats)
+                           freeze_bn_stats=args.lock_image_freeze_bn_stats and not timm_tower)
+    if args.lock_image_freeze_bn_stats and timm_tower:
+        freeze_timm_batch_norm(visual.trunk, args.lock_image_unlocked_groups)
+
+
+def freeze_timm_batch_norm(trunk, unlocked_groups: int) -> None:
+    """open_clip's freeze_bn_stats on a timm trunk, done with timm's own freeze_batch_norm_2d. open_clip's turns
+    timm's BatchNormAct2d (batch norm + activation, as in every EfficientNet) into a plain FrozenBatchNorm2d and so
+    drops the activation: the locked tower's features become garbage (|x| ~ 1e14 on tf_efficientnet_lite0). timm's
+    keeps it (FrozenBatchNormAct2d). Same modules as open_clip: all of them, or those of the locked groups."""
+    from timm.layers import freeze_batch_norm_2d
+    from timm.models import group_modules
+
+    chosen = None
+    if unlocked_groups:
+        groups = group_modules(trunk, trunk.group_matcher(), reverse=True)
+        last_locked = max(groups.values()) - unlocked_groups
+        chosen = {name for name, group in groups.items() if group <= last_locked}
+    for name, module in list(trunk.named_modules()):
+        if isinstance(module, torch.nn.BatchNorm2d) and (chosen is None or name in chosen):
+            parent, _, leaf = name.rpartition(".")
+            setattr(trunk.get_submodule(parent) if parent else trunk, leaf, freeze_batch_norm_2d(module))
 
 
 def lock_text(model, args) -> None:
