@@ -149,6 +149,13 @@ def unit_hash(text: str) -> float:
     return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / 16 ** 12
 
 
+def limited(entries: list, limit: int) -> list:
+    """The entries of the `limit` families that hash first: a fixed sample spread over all groups."""
+    families = sorted({family(e) for e in entries}, key=lambda f: unit_hash(f"openmoji-limit:{f}"))
+    chosen = set(families[:limit])
+    return [e for e in entries if family(e) in chosen]
+
+
 def is_heldout(entry: dict, fraction: float) -> bool:
     return unit_hash(f"openmoji-heldout:{family(entry)}") < fraction
 
@@ -264,8 +271,7 @@ def make_parts(out: Path, parts: list, settings: dict, tarball: Path, processes:
     by_hexcode = {e["hexcode"]: e for e in entries}
     kept, dropped = select_emoji(entries, settings["skin_tones"])
     if settings["limit"]:
-        chosen = set(sorted(map(family, kept), key=lambda f: unit_hash(f"openmoji-limit:{f}"))[:settings["limit"]])
-        kept = [e for e in kept if family(e) in chosen]
+        kept = limited(kept, settings["limit"])
     renders = render_all(kept, svgs, settings["size"], processes)
     kept, dropped["identical image"] = drop_identical_renders(kept, renders)
     heldout = [e for e in kept if is_heldout(e, settings["heldout_fraction"]) and not e["skintone"]]
