@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from mrl_clip.errors import ArgumentParser, UserError, run_cli
-from pipelines.shards import brace_pattern, png_bytes, write_shards
+from pipelines.shards import brace_pattern, png_bytes, write_retrieval_folder, write_shards
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
@@ -108,23 +108,12 @@ def build_retrieval_folder(source: Path, folder: Path, per_class: int = 100, cap
     """CLIP_benchmark retrieval folder from the test split: per_class images of each class, each with `captions`
     distinct caption templates of its class. The captions name the class only, so same-class images tie: a
     caption's one positive image shares its class with per_class - 1 others, which caps recall@K near K/per_class."""
-    from clip_benchmark.webdataset_builder import (
-        PIL_to_bytes,
-        convert_retrieval_dataset,
-    )
-
     images, labels = load_split(source, "test")
     rng = random.Random(seed)
     chosen = [i for c in range(len(CLASSNAMES)) for i in np.flatnonzero(labels == c)[:per_class]]
     pairs = [(Image.fromarray(images[i]), [t.format(c=CLASSNAMES[int(labels[i])])
                                           for t in rng.sample(CAPTION_TEMPLATES, captions)]) for i in chosen]
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    convert_retrieval_dataset(pairs, "test", str(tmp), transform=PIL_to_bytes("png"), image_format="png",
-                              verbose=False)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
+    return write_retrieval_folder(pairs, folder)
 
 
 def main(argv=None):

@@ -2,6 +2,8 @@
 import io
 import itertools
 import json
+import shutil
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -51,3 +53,21 @@ def write_shards(samples: Iterable[dict], folder: Path, prefix: str, shard_size:
 
 def brace_pattern(folder: Path, prefix: str, count: int) -> str:
     return str(Path(folder) / f"{prefix}-{{0000..{count - 1:04d}}}.tar")
+
+
+def write_retrieval_folder(pairs: list, folder: Path) -> Path:
+    """A CLIP_benchmark retrieval folder (dataset_type.txt, test/nshards.txt, test/0.tar with png + txt, keys
+    s0000000, ... in the order of `pairs`) from (PIL image, [caption, ...]) pairs, through CLIP_benchmark's own
+    converter; written beside `folder` and renamed into place when whole."""
+    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_retrieval_dataset
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with warnings.catch_warnings():  # its DataLoader asks for 8 workers whatever the machine has
+        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        convert_retrieval_dataset(pairs, "test", str(tmp), transform=PIL_to_bytes("png"), image_format="png",
+                                  verbose=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
