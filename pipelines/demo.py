@@ -25,7 +25,7 @@ from pipelines import demo_align, demo_mrlize, fashion_mnist
 
 MODEL = "MRL-Tiny-28"
 DIMS = [8, 16, 32, 64, 128, 256]
-PROBE_TRAIN_IMAGES = 10000
+PROBE_TRAIN_IMAGES = 2000
 
 
 def build_data(data_dir: Path, source: Path) -> str:
@@ -92,16 +92,16 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--source", type=Path, default=fashion_mnist.DEBIAN_DIR)
-    parser.add_argument("--steps", type=int, default=400, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=300, help="training steps per model")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--align-steps", type=int, default=120, help="act 2: training steps per model")
+    parser.add_argument("--align-steps", type=int, default=90, help="act 2: training steps per model")
     parser.add_argument("--align-batch-size", type=int, default=64)
-    parser.add_argument("--align-lr", type=float, default=1e-4)
+    parser.add_argument("--align-lr", type=float, default=3e-3)
     parser.add_argument("--mrlize-steps", type=int, default=100, help="act 3: Matryoshka fine-tune steps")
-    parser.add_argument("--mrlize-lr", type=float, default=5e-4)
+    parser.add_argument("--mrlize-lr", type=float, default=1e-4)
     parser.add_argument("--acts", default="1,2,3", help="which acts to run (act 3 needs act 1's standard model)")
     args = parser.parse_args(argv)
     for flag in ("steps", "align_steps", "align_batch_size", "mrlize_steps"):
