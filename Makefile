@@ -19,11 +19,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m mrl_clip.towers install
 	touch $(STAMP)
 
-# The demo data is Debian's dataset-fashion-mnist (the original IDX files).
+# The demo data: Debian's dataset-fashion-mnist (the original IDX files) and npm's openmoji (fetched by
+# pipelines.openmoji with npm, Debian's package of that name).
 data-deps:
 	@if [ ! -f $(FMNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "Fashion-MNIST is missing; run: sudo apt-get install -y dataset-fashion-mnist"; exit 1; fi; fi
+	@if ! command -v npm >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; \
+	  else echo "npm is missing; run: sudo apt-get install -y npm"; exit 1; fi; fi
 
 setup: $(STAMP) data-deps
 
