@@ -18,7 +18,7 @@ DIMS = [12, 24, 48, 96, 192, 384]
 # then two forwards (~1.5 s at batch 64); a backward through MiniLM's layers alone would more than double it.
 TOWER_FLAGS = ["--pretrained-image", "--lock-image", "--lock-image-freeze-bn-stats", "--lock-text",
                "--lock-text-freeze-layer-norm"]
-FASHION_TEST_IMAGES = 1000
+FASHION_TEST_IMAGES = 500
 
 
 def build_data(data_dir: Path, source: Path) -> dict:
