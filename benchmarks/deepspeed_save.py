@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import RESULTS, machine, median_ratio, write_result
+
 from mrl_clip import models
 from mrl_clip.eval.report import render_table
 from mrl_clip.files import atomic_torch_save

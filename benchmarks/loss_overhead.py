@@ -93,7 +93,8 @@ def main():
             times[name].append(timed(loss_fn))
     base, ours = times.values()
     ratios = [b / a for a, b in zip(base, ours)]
-    result = {"benchmark": "loss_overhead", "model": args.model, "compiled_loss": args.compile_loss, "batch_size": args.batch_size, "dims": dims,
+    result = {"benchmark": "loss_overhead", "model": args.model, "compiled_loss": args.compile_loss,
+              "batch_size": args.batch_size, "dims": dims,
               "device": args.device, "precision": args.precision, "repeats": args.repeats,
               "median_step_s": {name: statistics.median(t) for name, t in times.items()},
               "median_ratio": statistics.median(ratios), "goal": "<= 1.03", "machine": machine_at_start}

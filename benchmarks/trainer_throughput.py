@@ -7,7 +7,8 @@ Ours reads WebDataset shards of small synthetic JPEGs (made here; decoding them 
 loader, sets the pace); open_clip_train reads its `--dataset-type synthetic` images (its WebDataset reader fails on
 webdataset 1.0.2). Both apply the model's 224-px train transform. Reported per trainer, after the first
 `--warmup-steps` steps: median compute time per step (ours: forward, Matryoshka loss, backward, optimizer; open_clip:
-its 'Batch (t)' minus 'Data (t)') and median samples/s end to end. Writes benchmarks/results/trainer_throughput_<device>.json.
+its 'Batch (t)' minus 'Data (t)') and median samples/s end to end.
+Writes benchmarks/results/trainer_throughput_<device>.json.
 """
 import argparse
 import json
@@ -98,7 +99,8 @@ def main():
                 ["--deepspeed", ROOT / "configs" / "ds_zero2_autocast_bf16.json"], env),
             "open_clip_train (synthetic data)": open_clip_trainer(args, tmp / "oc", env),
         }
-    print(f"\n{args.model}, batch {args.batch_size}, dims {args.dims}, {device}, median of {args.steps - args.warmup_steps} steps")
+    print(f"\n{args.model}, batch {args.batch_size}, dims {args.dims}, {device}, "
+          f"median of {args.steps - args.warmup_steps} steps")
     print(f"{'trainer':46s} {'step ms':>8s} {'samples/s':>10s}")
     for name, row in rows.items():
         print(f"{name:46s} {row['step_ms']:8.1f} {row['samples_per_s']:10.0f}")
