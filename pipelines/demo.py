@@ -10,9 +10,7 @@
 Re-running resumes: built shards are kept, training resumes from its latest checkpoint, finished runs are reused.
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,8 @@ from mrl_clip.checkpoint import latest_checkpoint
 from mrl_clip.errors import ArgumentParser, UserError, run_cli
 from mrl_clip.eval.report import format_side_by_side, plot_metrics
 from mrl_clip.files import write_json
-from pipelines import demo_align, demo_mrlize, fashion_mnist
+from pipelines import demo_align, demo_commands, demo_mrlize, fashion_mnist
+from pipelines.demo_commands import evaluate
 
 MODEL = "MRL-Tiny-28"
 DIMS = [8, 16, 32, 64, 128, 256]
@@ -46,35 +45,12 @@ def build_data(data_dir: Path, source: Path) -> str:
     return pattern
 
 
-def evaluate(task: str, runs: dict, data: Path, out: Path, dims: list, *extra) -> dict:
-    """`python -m mrl_clip.eval TASK` on both models, as a user would run it; returns its JSON."""
-    exports = [f"local-dir:{run_dir / 'export'}" for run_dir in runs.values()]
-    name = task.replace("-", "_")
-    cmd = [sys.executable, "-m", "mrl_clip.eval", task, "--model", exports[0], "--compare", exports[1],
-           "--data", str(data), "--dims", ",".join(map(str, dims)), "--output", str(out / f"{name}.json"),
-           *extra]
-    print("[demo] " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
-    return json.loads((out / f"{name}.json").read_text())
-
-
 def train(out: Path, name: str, dims: list, shards: str, args) -> Path:
-    run_dir = out / name
-    cmd = [sys.executable, "-m", "mrl_clip.train", "--model", MODEL, "--train-data", shards,
-           "--dims", ",".join(map(str, dims)), "--batch-size", str(args.batch_size),
-           "--train-num-samples", str(args.steps * args.batch_size), "--epochs", "1",
-           "--lr", str(args.lr), "--warmup", str(max(1, args.steps // 20)), "--workers", "1",
-           "--threads", str(args.threads), "--seed", str(args.seed), "--logs", str(out), "--name", name,
-           "--resume", "latest", "--save-every-n-steps", "100", "--log-every-n-steps", "10"]
-    done = latest_checkpoint(run_dir / "checkpoints")
-    if done is not None and done.name == f"step_{args.steps}.pt" and (run_dir / "export").is_dir():
-        print(f"[demo] reusing finished run {run_dir}")
-        return run_dir
-    print("[demo] " + " ".join(cmd[1:]), flush=True)
-    started = time.time()
-    subprocess.run(cmd, check=True)
-    print(f"[demo] trained {name} in {time.time() - started:.0f} s", flush=True)
-    return run_dir
+    return demo_commands.train(out, name, args.steps, [
+        "--model", MODEL, "--train-data", shards, "--dims", ",".join(map(str, dims)), "--batch-size", args.batch_size,
+        "--train-num-samples", args.steps * args.batch_size, "--epochs", 1, "--lr", args.lr,
+        "--warmup", max(1, args.steps // 20), "--workers", 1, "--threads", args.threads, "--seed", args.seed,
+        "--save-every-n-steps", 100, "--log-every-n-steps", 10])
 
 
 def summarise(results: dict) -> str:
@@ -121,7 +97,7 @@ def main(argv=None):
         act_one(runs, args)
     if "2" in acts:
         print("\n[demo] act 2: ALIGN-style pretrained towers on OpenMoji captions", flush=True)
-        demo_align.run(args.out, args.source, evaluate, args)
+        demo_align.run(args.out, args.source, args)
     if "3" in acts:
         print("\n[demo] act 3: the standard model made Matryoshka", flush=True)
         start = latest_checkpoint(runs["standard"] / "checkpoints")

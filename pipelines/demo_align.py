@@ -2,15 +2,12 @@
 from PyPI packages) trained on OpenMoji's real captions, Matryoshka vs standard with the same budget; image<->text
 recall at every dim on the held-out emoji and zero-shot on Fashion-MNIST with these towers.
 """
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from mrl_clip.checkpoint import latest_checkpoint
 from mrl_clip.eval.report import format_side_by_side, plot_metrics
 from mrl_clip.files import write_json
-from pipelines import fashion_mnist, openmoji
+from pipelines import demo_commands, fashion_mnist, openmoji
+from pipelines.demo_commands import evaluate
 
 MODEL = "ALIGN-Lite0-MiniLM-384"
 DIMS = [12, 24, 48, 96, 192, 384]
@@ -34,23 +31,12 @@ def build_data(data_dir: Path, source: Path) -> dict:
 
 
 def train(out: Path, name: str, dims: list, shards: str, args) -> Path:
-    run_dir = out / name
     steps = args.align_steps
-    cmd = [sys.executable, "-m", "mrl_clip.train", "--model", MODEL, *TOWER_FLAGS, "--train-data", shards,
-           "--dims", ",".join(map(str, dims)), "--batch-size", str(args.align_batch_size),
-           "--train-num-samples", str(steps * args.align_batch_size), "--epochs", "1", "--lr", str(args.align_lr),
-           "--warmup", str(max(1, steps // 10)), "--wd", "0.1", "--workers", "1", "--threads", str(args.threads),
-           "--seed", str(args.seed), "--logs", str(out), "--name", name, "--resume", "latest",
-           "--save-every-n-steps", "50", "--log-every-n-steps", "5"]
-    done = latest_checkpoint(run_dir / "checkpoints")
-    if done is not None and done.name == f"step_{steps}.pt" and (run_dir / "export").is_dir():
-        print(f"[demo] reusing finished run {run_dir}")
-        return run_dir
-    print("[demo] " + " ".join(cmd[1:]), flush=True)
-    started = time.time()
-    subprocess.run(cmd, check=True)
-    print(f"[demo] trained {name} in {time.time() - started:.0f} s", flush=True)
-    return run_dir
+    return demo_commands.train(out, name, steps, [
+        "--model", MODEL, *TOWER_FLAGS, "--train-data", shards, "--dims", ",".join(map(str, dims)),
+        "--batch-size", args.align_batch_size, "--train-num-samples", steps * args.align_batch_size, "--epochs", 1,
+        "--lr", args.align_lr, "--warmup", max(1, steps // 10), "--wd", 0.1, "--workers", 1,
+        "--threads", args.threads, "--seed", args.seed, "--save-every-n-steps", 50, "--log-every-n-steps", 5])
 
 
 def summarise(retrieval: dict) -> str:
@@ -64,8 +50,8 @@ def summarise(retrieval: dict) -> str:
             f"{100 * std[full][key]:.1f})")
 
 
-def run(out: Path, source: Path, evaluate, args) -> dict:
-    """Act 2 under OUT/align/; `evaluate(task, runs, data, out, *extra)` is act 1's eval runner."""
+def run(out: Path, source: Path, args) -> dict:
+    """Act 2 under OUT/align/."""
     out = out / "align"
     data = build_data(out / "data", source)
     runs = {"align-mrl": train(out, "mrl", DIMS, data["train"], args),

@@ -8,12 +8,12 @@ and what happens to full-width accuracy.
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from mrl_clip.checkpoint import latest_checkpoint, step_checkpoints
+from mrl_clip.checkpoint import step_checkpoints
 from mrl_clip.eval.report import plot_metrics, render_table
 from mrl_clip.files import write_json
+from pipelines import demo_commands
 
 SAVE_EVERY = 25
 
@@ -21,23 +21,13 @@ SAVE_EVERY = 25
 def finetune(out: Path, model: str, start: Path, shards: str, dims: list, args) -> Path:
     """`python -m mrl_clip.train --pretrained START --dims DIMS` for args.mrlize_steps steps, a checkpoint every
     SAVE_EVERY steps (all kept: each is evaluated)."""
-    run_dir, steps = out / "mrlize", args.mrlize_steps
-    done = latest_checkpoint(run_dir / "checkpoints")
-    if done is not None and done.name == f"step_{steps}.pt":
-        print(f"[demo] reusing finished run {run_dir}")
-        return run_dir
-    cmd = [sys.executable, "-m", "mrl_clip.train", "--model", model, "--pretrained", str(start),
-           "--train-data", shards, "--dims", ",".join(map(str, dims)), "--batch-size", str(args.batch_size),
-           "--train-num-samples", str(steps * args.batch_size), "--epochs", "1", "--lr", str(args.mrlize_lr),
-           "--warmup", "5", "--workers", "1", "--threads", str(args.threads), "--seed", str(args.seed + 1),
-           "--logs", str(out), "--name", "mrlize", "--resume", "latest", "--save-every-n-steps", str(SAVE_EVERY),
-           "--keep-checkpoints", "0", "--log-every-n-steps", "5"]
-    print("[demo] " + " ".join(cmd[1:]), flush=True)
-    started = time.time()
-    subprocess.run(cmd, check=True)
-    print(f"[demo] fine-tuned the standard model with the Matryoshka loss in {time.time() - started:.0f} s",
-          flush=True)
-    return run_dir
+    steps = args.mrlize_steps
+    return demo_commands.train(out, "mrlize", steps, [
+        "--model", model, "--pretrained", start, "--train-data", shards, "--dims", ",".join(map(str, dims)),
+        "--batch-size", args.batch_size, "--train-num-samples", steps * args.batch_size, "--epochs", 1,
+        "--lr", args.mrlize_lr, "--warmup", 5, "--workers", 1, "--threads", args.threads, "--seed", args.seed + 1,
+        "--save-every-n-steps", SAVE_EVERY, "--keep-checkpoints", 0, "--log-every-n-steps", 5],
+        done="fine-tuned the standard model with the Matryoshka loss")
 
 
 def evaluate_steps(run_dir: Path, model: str, start: Path, data: Path, dims: list) -> dict:

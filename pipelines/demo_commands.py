@@ -1,0 +1,38 @@
+"""The demo's calls of the command-line tools, as a user would type them: training (reused when finished) and
+evaluation of two models side by side. Every command is printed before it runs."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mrl_clip.checkpoint import latest_checkpoint
+
+
+def train(out: Path, name: str, steps: int, flags: list, done: str = "") -> Path:
+    """`python -m mrl_clip.train FLAGS --logs OUT --name NAME --resume latest`, unless OUT/NAME already ended at
+    `steps` with its export; returns OUT/NAME. `done` words the timing line (default: 'trained NAME')."""
+    run_dir = out / name
+    last = latest_checkpoint(run_dir / "checkpoints")
+    if last is not None and last.name == f"step_{steps}.pt" and (run_dir / "export").is_dir():
+        print(f"[demo] reusing finished run {run_dir}")
+        return run_dir
+    cmd = [sys.executable, "-m", "mrl_clip.train", *map(str, flags), "--logs", str(out), "--name", name,
+           "--resume", "latest"]
+    print("[demo] " + " ".join(cmd[1:]), flush=True)
+    started = time.time()
+    subprocess.run(cmd, check=True)
+    print(f"[demo] {done or f'trained {name}'} in {time.time() - started:.0f} s", flush=True)
+    return run_dir
+
+
+def evaluate(task: str, runs: dict, data: Path, out: Path, dims: list, *extra) -> dict:
+    """`python -m mrl_clip.eval TASK` on both models, as a user would run it; returns its JSON."""
+    exports = [f"local-dir:{run_dir / 'export'}" for run_dir in runs.values()]
+    name = task.replace("-", "_")
+    cmd = [sys.executable, "-m", "mrl_clip.eval", task, "--model", exports[0], "--compare", exports[1],
+           "--data", str(data), "--dims", ",".join(map(str, dims)), "--output", str(out / f"{name}.json"),
+           *extra]
+    print("[demo] " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads((out / f"{name}.json").read_text())
