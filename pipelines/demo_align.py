@@ -4,13 +4,13 @@ recall at every dim on the held-out emoji and zero-shot on Fashion-MNIST with th
 """
 from pathlib import Path
 
+from mrl_clip import towers
 from mrl_clip.eval.report import format_side_by_side, plot_metrics
 from mrl_clip.files import write_json
 from pipelines import demo_commands, fashion_mnist, openmoji
 from pipelines.demo_commands import evaluate
 
-MODEL = "ALIGN-Lite0-MiniLM-384"
-DIMS = [12, 24, 48, 96, 192, 384]
+MODEL, DIMS = towers.ALIGN_LITE, towers.ALIGN_LITE_DIMS
 # Both towers locked, BatchNorm statistics and LayerNorms too: only the two projections learn. On 2 cores a step is
 # then two forwards (~1.5 s at batch 64); a backward through MiniLM's layers alone would more than double it.
 TOWER_FLAGS = ["--pretrained-image", "--lock-image", "--lock-image-freeze-bn-stats", "--lock-text",
