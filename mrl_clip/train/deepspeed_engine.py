@@ -49,7 +49,7 @@ def load_config(path, batch_size: int, accum_freq: int, world_size: int, grad_cl
                         "cosine schedule from its flags (--lr, --wd, --warmup, ...)")
     if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
         raise UserError(f"{path}: fp16 and bf16 are both enabled")
-    if config.get("zero_optimization", {}).get("stage", 0) not in (1, 2, 3):
+    if zero_stage(config) not in (1, 2, 3):
         raise UserError(f"{path}: set zero_optimization.stage to 1, 2 or 3 (ZeRO-0 is plain data parallelism: "
                         "train without --deepspeed)")
     config["train_micro_batch_size_per_gpu"] = batch_size
@@ -208,6 +208,28 @@ def quiet_stdout():
         yield
 
 
+class CastImages:
+    """What validation calls of a model whose weights are in `dtype` (bf16 / fp16): images cast to it, as the
+    training forward does."""
+
+    def __init__(self, module, dtype):
+        self.module, self.dtype = module, dtype
+
+    def encode_image(self, images):
+        return self.module.encode_image(images.to(self.dtype))
+
+    def encode_text(self, texts):
+        return self.module.encode_text(texts)
+
+    def eval(self):
+        self.module.eval()
+        return self
+
+
+def zero_stage(config: dict) -> int:
+    return config.get("zero_optimization", {}).get("stage", 0)
+
+
 class DeepSpeedEngine:
     """The same calls as plain_engine.PlainEngine, through a DeepSpeed engine. A step of --accum-freq micro-batches
     is DeepSpeed's gradient accumulation: the engine reduces gradients and steps the optimizer at the boundary."""
@@ -221,6 +243,11 @@ class DeepSpeedEngine:
 
     def train(self) -> None:
         self.engine.train()
+
+    def eval_model(self):
+        """The module validation encodes with on rank 0 alone: whole on every rank under ZeRO-1/2 (ZeRO-3
+        partitions it; main.py refuses --val-data there)."""
+        return CastImages(self.engine.module, self.dtype)
 
     def no_sync(self, last: bool):
         return nullcontext()  # DeepSpeed reduces at the accumulation boundary by itself

@@ -3,7 +3,7 @@
 An engine is what differs between plain PyTorch (DDP or one process) and DeepSpeed: how a forward is run, how a
 loss is back-propagated, how the optimizer steps, and the checkpoint format: plain_engine.PlainEngine and
 deepspeed_engine.DeepSpeedEngine. Everything else — accumulation, the loss, skipping non-finite steps, logging,
-the guards, when to checkpoint, pre-emption — is written once, here.
+the guards, when to checkpoint and validate, pre-emption — is written once, here.
 """
 import json
 import sys
@@ -21,6 +21,8 @@ from ..errors import UserError
 from .agree import RankAgreement
 from .data import StreamPosition, make_train_stream
 from .guards import BAD_FRACTION_MIN_SAMPLES, NonFiniteSteps, check_bad_fraction, log_bad_samples
+from .tensorboard_log import write_train
+from .validate import Validation, validate_if_due
 
 
 @dataclass
@@ -95,6 +97,8 @@ class Run:
     step: int = 0
     log_file: Optional[object] = None
     progress: Optional[object] = None
+    val: Optional[Validation] = None  # --val-data
+    writer: Optional[object] = None   # --report-to tensorboard: a SummaryWriter (rank 0)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -150,7 +154,7 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
 
 
 def after_step(run: Run) -> bool:
-    """Pre-emption, the guards, and the periodic checkpoint. False when pre-empted."""
+    """Pre-emption, the guards, validation and the periodic checkpoint. False when pre-empted."""
     agreed = run.agreement.exchange(run.position.bad_samples, run.position.samples_read)
     if agreed.preempted and run.step < run.total_steps:
         run.save(run)
@@ -166,6 +170,7 @@ def after_step(run: Run) -> bool:
         if run.progress is not None:
             run.progress.close()
         raise
+    validate_if_due(run)  # before the checkpoint: one taken at a step validated there already
     # not inside a run of skipped steps: the newest checkpoint stays one taken after a finite step
     if run.step % run.args.save_every_n_steps == 0 and run.step < run.total_steps and run.nonfinite.in_row == 0:
         run.save(run)
@@ -186,5 +191,7 @@ def log_step(run: Run, epoch: int, lr: float, result: StepResult, t_data: float,
               "skipped_step": result.skipped, "skipped_steps": run.nonfinite.total}
     run.log_file.write(json.dumps(record) + "\n")
     run.log_file.flush()
+    if run.writer is not None:
+        write_train(run.writer, record)
     if run.progress is not None:
         run.progress.set_postfix_str(" ".join(f"{m}:{v:.3f}" for m, v in result.per_dim.items()))

@@ -8,7 +8,8 @@ Flags share open_clip's names where open_clip's trainer has the same thing. A ru
 checkpoints/step_N.pt (open_clip's checkpoint format), export/ (a local-dir: model), log.jsonl and params.json;
 with --deepspeed, checkpoints/deepspeed/step_N (DeepSpeed's own checkpoints, used to resume) and step_N.pt for the
 last step only. SIGUSR1 (SLURM's pre-emption warning) makes the run checkpoint and exit with code 75, for its
-sbatch script to requeue it.
+sbatch script to requeue it. --val-data measures a CLIP_benchmark folder at every dim during training
+(validate.py: log.jsonl records with "val_dim"); --report-to tensorboard writes RUN/tensorboard (tensorboard_log.py).
 
 This file sets a run up; loop.py runs its epochs and steps.
 """
@@ -30,7 +31,7 @@ from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss
-from . import deepspeed_engine, finetune
+from . import deepspeed_engine, finetune, tensorboard_log, validate
 from .agree import RankAgreement
 from .data import batches_per_epoch, check_shards, count_samples, gather_positions, position_for_rank, rank_shards
 from .guards import NonFiniteSteps
@@ -89,8 +90,12 @@ def parse_args(argv=None):
     p.add_argument("--max-nonfinite-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (default 10)")
     finetune.add_flags(p)
+    validate.add_flags(p)
+    tensorboard_log.add_flags(p)
     args = p.parse_args(argv)
     finetune.check_flags(args)
+    validate.check_flags(args)
+    tensorboard_log.check_flags(args)
     args.dims = parse_int_list(args.dims, "--dims")
     args.dim_weights = parse_float_list(args.dim_weights, "--dim-weights") if args.dim_weights else None
     for flag in ("batch_size", "epochs", "accum_freq", "save_every_n_steps", "log_every_n_steps",
@@ -117,12 +122,15 @@ def main(argv=None):
     if args.deepspeed:
         ds_config = deepspeed_engine.load_config(args.deepspeed, args.batch_size, args.accum_freq, args.world_size,
                                                  args.grad_clip_norm)
+        if args.val_data and deepspeed_engine.zero_stage(ds_config) == 3:
+            raise UserError("--val-data is not supported under ZeRO stage 3 (rank 0 would need the partitioned "
+                            "weights gathered): validate the checkpoints with python -m mrl_clip.eval")
     args.name = args.name or f"{args.model}-mrl{'-'.join(map(str, args.dims))}"
     run_dir = Path(args.logs) / args.name
 
     random_seed(args.seed, 0)  # the same initial weights on every rank
-    model, preprocess_train, _, tokenizer = models.create(args.model, args.pretrained, device=str(device),
-                                                          pretrained_image=args.pretrained_image)
+    model, preprocess_train, preprocess_val, tokenizer = models.create(
+        args.model, args.pretrained, device=str(device), pretrained_image=args.pretrained_image)
     clamp_logit_scale(model)
     finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
     engine, optimizer = make_engine(args, model, device, ds_config)
@@ -136,6 +144,9 @@ def main(argv=None):
         print(f"resumed at step {step}", file=sys.stderr)
 
     run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, step, run_state)
+    if args.val_data:
+        run.val = make_validation(args, preprocess_val, run)
+        validate.catch_up(run, run_state.get("validated_step"))
     finished = train(run)
     if finished:
         run.save(run)
@@ -144,6 +155,8 @@ def main(argv=None):
     run.progress.close()
     if run.log_file is not None:
         run.log_file.close()
+    if run.writer is not None:
+        run.writer.close()
     run.agreement.close()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -185,12 +198,14 @@ def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, step
     nonfinite = NonFiniteSteps(args.max_nonfinite_steps)
     if run_state.get("nonfinite"):
         nonfinite.load_state_dict(run_state["nonfinite"])
-    log_file = None
+    log_file = writer = None
     if args.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "params.json").write_text(json.dumps(vars(args), indent=1, default=str))
         remove_partial_files(run_dir / "checkpoints")  # left by a run killed while saving
         log_file = open(run_dir / "log.jsonl", "a")
+        if "tensorboard" in args.report_to:
+            writer = tensorboard_log.make_writer(run_dir, step)
     return Run(
         args=args, engine=engine, step=step, run_dir=run_dir, preprocess=preprocess, tokenizer=tokenizer,
         loss_fn=MatryoshkaClipLoss(args.dims, args.dim_weights, local_loss=args.local_loss,
@@ -201,7 +216,16 @@ def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, step
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         position=position_for_rank(run_state, args.rank, args.world_size, args.workers), nonfinite=nonfinite,
         agreement=RankAgreement(PreemptionSignal(), args.distributed), save=save, log_file=log_file,
-        progress=tqdm(total=total_steps, initial=step, desc=args.name, disable=args.rank != 0, dynamic_ncols=True))
+        progress=tqdm(total=total_steps, initial=step, desc=args.name, disable=args.rank != 0, dynamic_ncols=True),
+        writer=writer)
+
+
+def make_validation(args, preprocess_val, run: Run) -> validate.Validation:
+    """--val-data read with the model's validation transform, on the run's schedule and dims."""
+    val_set = validate.load_val_set(args.val_data, preprocess_val)
+    schedule = validate.ValSchedule(args.val_every_n_steps, args.val_frequency, run.steps_per_epoch,
+                                    run.total_steps)
+    return validate.Validation(val_set, schedule, args.dims)
 
 
 def train(run: Run) -> bool:
@@ -226,7 +250,8 @@ def save(run: Run) -> None:
     payload = {"step": run.step, "epoch": run.step // run.steps_per_epoch, "name": args.name, "model": args.model,
                "dims": args.dims, "dim_weights": args.dim_weights, "world_size": args.world_size, "seed": args.seed,
                "data": gather_positions(run.position, args.distributed, args.world_size),
-               "nonfinite": run.nonfinite.state_dict(), "locks": finetune.lock_record(args)}
+               "nonfinite": run.nonfinite.state_dict(), "locks": finetune.lock_record(args),
+               "validated_step": run.val.last_step if run.val is not None else None}
     run.engine.save_checkpoint(run.checkpoint_dir, run.step, payload, args.keep_checkpoints)
 
 

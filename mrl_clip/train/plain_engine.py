@@ -15,7 +15,8 @@ from ..errors import UserError
 from ..files import atomic_torch_save
 
 LOGIT_SCALE_MAX = math.log(100)  # open_clip's clamp: a temperature no lower than 1/100
-RUN_STATE_KEYS = ("data", "nonfinite")  # what a checkpoint holds beside open_clip's format for an exact resume
+# what a checkpoint holds beside open_clip's format for an exact resume (and the last step validated)
+RUN_STATE_KEYS = ("data", "nonfinite", "validated_step")
 
 
 def clamp_logit_scale(model) -> None:
@@ -73,6 +74,10 @@ class PlainEngine:
 
     def train(self) -> None:
         self.model.train()
+
+    def eval_model(self):
+        """The model validation encodes with (under DDP the module itself: rank 0 alone runs it)."""
+        return unwrap_model(self.model)
 
     def distribute(self, device: torch.device) -> None:
         """Wrap the model in DDP (after any resume: DDP broadcasts rank 0's weights)."""
