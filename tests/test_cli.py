@@ -66,6 +66,13 @@ def eval_folder_without(data, tmp, name):
     return str(folder)
 
 
+def eval_folder_of_type(data, tmp, kind):
+    folder = tmp / "eval"
+    shutil.copytree(data["eval"], folder)
+    (folder / "dataset_type.txt").write_text(kind + "\n")
+    return str(folder)
+
+
 # what a job script sees inside an allocation, without a cluster (the rows stop before srun)
 SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1",
              "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
@@ -141,6 +148,21 @@ def bad_inputs(data, tmp):
         ("slurm job with a missing DeepSpeed config",
             ["slurm/train_tiny.sh", {**SLURM_JOB, "TRAIN_DATA": data["train"], "DS_CONFIG": str(tmp / "no.json")}],
             "DeepSpeed config not found"),
+        ("val data missing", train + ["--dims", "256", "--val-data", tmp / "none"],
+                             "--val-data: data folder not found"),
+        ("val data not a CLIP_benchmark folder", train + ["--dims", "256", "--val-data", tmp], "no test/nshards.txt"),
+        ("val data multilabel",
+            lambda: train + ["--dims", "256", "--val-data", eval_folder_of_type(data, tmp, "multilabel")],
+            "dataset_type.txt says 'multilabel'"),
+        ("val every 0 steps", train + ["--dims", "256", "--val-data", data["eval"], "--val-every-n-steps", "0"],
+                              "--val-every-n-steps must be at least 1"),
+        ("val data under ZeRO-3",
+            lambda: train + ["--dims", "256", "--val-data", data["eval"], "--deepspeed",
+                             pairs_file(tmp, "ds.json", '{"zero_optimization": {"stage": 3}}')],
+            "not supported under ZeRO stage 3"),
+        ("report to wandb", train + ["--dims", "256", "--report-to", "wandb"], "Weights & Biases is not supported"),
+        ("report to an unknown logger", train + ["--dims", "256", "--report-to", "tensorbord"],
+                                        "--report-to takes 'tensorboard'"),
         ("csv empty caption",
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.csv", "image,caption\nimg.png,  \n")], "pairs.csv:2: empty caption"),

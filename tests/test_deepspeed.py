@@ -138,6 +138,18 @@ def test_zero_engine_cli_takes_the_plain_loops_first_step(ds_run, plain_first_st
     assert state["data"][0]["consumed"] == {0: 2 * STEPS * 32}
 
 
+def test_validation_under_zero2_leaves_the_weights_bitwise(ds_run, fmnist_data, tmp_path):
+    """ds_run again with --val-data (retrieval, every 2 steps, on rank 0 through the engine's module): the same
+    final weights to the bit."""
+    validated = train(fmnist_data, tmp_path, "ds", "--accum-freq", "2", "--deepspeed",
+                      ROOT / "configs" / "ds_zero2_fp32.json", "--val-data", fmnist_data["captions"],
+                      "--val-every-n-steps", "2")
+    records = [json.loads(line) for line in (validated / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_dim" in r] == [2, STEPS]
+    for name, value in weights(ds_run).items():
+        assert torch.equal(weights(validated)[name], value), name
+
+
 def test_deepspeed_run_writes_open_clip_checkpoints_and_converts(ds_run, tmp_path):
     """DeepSpeed keeps its own checkpoints at every save; the run's last step is also rebuilt as an open_clip
     checkpoint and export. convert_deepspeed rebuilds any kept step the same way."""
