@@ -9,7 +9,7 @@ from typing import Optional
 import open_clip
 
 from . import MODEL_CONFIG_DIR, PREPROCESS_CFGS, split_preprocess_cfgs
-from .checkpoint import refused_pickle
+from .checkpoint import load_checkpoint_file, refused_pickle
 from .errors import UserError
 
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder (open_clip_config.json + weights)
@@ -102,8 +102,13 @@ def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", pre
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0][:300]
         if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
-            hint = ("; it holds a logit_bias (a --siglip run): load its export, local-dir:RUN/export"
-                    if "logit_bias" in str(err) and not siglip else "")
-            raise UserError(f"checkpoint {pretrained} does not fit model {name}: {first}{hint}") from None
+            raise UserError(f"checkpoint {pretrained} does not fit model {name}: {first}") from None
+        raise
+    except AttributeError:
+        # open_clip's load_checkpoint reads model.logit_bias.ndim for a checkpoint with a logit_bias, even when
+        # the model has none
+        if pretrained and not siglip and "logit_bias" in load_checkpoint_file(pretrained)["state_dict"]:
+            raise UserError(f"checkpoint {pretrained} holds a logit_bias (a --siglip run) that model {name} lacks: "
+                            "load the run's export, local-dir:RUN/export") from None
         raise
     return model, preprocess_train, preprocess_val, tokenizer

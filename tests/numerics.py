@@ -77,13 +77,14 @@ def loss_tolerance(scale, dims, weights, batch, u=U32, feature_error=0.0):
     return total
 
 
-def siglip_loss_tolerance(scale, bias, dims, weights, batch, texts=None, u=U32):
+def siglip_loss_tolerance(scale, bias, dims, weights, batch, texts=None, u=U32, feature_error=0.0):
     """Worst-case |computed - exact| of MatryoshkaSigLipLoss's total (or open_clip's SigLipLoss per prefix) from
     given features: `batch` images against `texts` texts (default `batch`; the other ranks' texts included) at logit
     scale `scale` and bias `bias`.
 
-    Per dim m, as in loss_tolerance: the cosines are within gamma(3 m + 8) of exact, so a logit s c + b is within
-    s gamma(3 m + 8) plus the rounding of the product and the sum, gamma(2) (s + |b|) (|logit| <= s + |b|). Each
+    Per dim m, as in loss_tolerance: the cosines are within gamma(3 m + 8) of exact (and 2 feature_error more when
+    the features are off by that relative error), so a logit s c + b is within s (gamma(3 m + 8) + 2 feature_error)
+    plus the rounding of the product and the sum, gamma(2) (s + |b|) (|logit| <= s + |b|). Each
     pair's -log sigmoid(+-logit) is 1-Lipschitz in the logit, and computing it (min, exp, log1p, subtract: a few
     ulps each) adds gamma(8) (s + |b| + 1) of its value (<= s + |b| + log 2). The batch x texts pairs are summed
     in any order (gamma(batch texts) of the sum of their values) and divided by `batch`; with other ranks' texts
@@ -93,7 +94,7 @@ def siglip_loss_tolerance(scale, bias, dims, weights, batch, texts=None, u=U32):
     magnitude = texts * (scale + abs(bias) + 1)
     total = 0.0
     for m, w in zip(dims, weights):
-        logit_error = scale * gamma(3 * m + 8, u) + gamma(2, u) * (scale + abs(bias))
+        logit_error = scale * (gamma(3 * m + 8, u) + 2 * feature_error) + gamma(2, u) * (scale + abs(bias))
         pair_error = logit_error + gamma(8, u) * (scale + abs(bias) + 1)
         summation = gamma(batch * texts + texts + len(dims) + 2, u) * magnitude
         total += abs(w) * (texts * pair_error + summation)
