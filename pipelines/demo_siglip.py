@@ -12,10 +12,12 @@ from mrl_clip.files import write_json
 from pipelines.demo_commands import evaluate
 
 RETRIEVAL_METRICS = ["image_retrieval_recall@10", "text_retrieval_recall@10"]
+# CLIP_benchmark's names: image retrieval ranks images for a caption, text retrieval captions for an image
+DIRECTION = {"image_retrieval_recall@10": "text->image", "text_retrieval_recall@10": "image->text"}
 
 
 def table(zeroshot: dict, retrieval: dict, dims: list) -> str:
-    """Per dim: zero-shot top-1 and image->text / text->image R@10 (%) of both models."""
+    """Per dim: zero-shot top-1 and text->image / image->text R@10 (%) of both models."""
     labels = list(zeroshot)
     rows = []
     for m in dims:
@@ -25,7 +27,7 @@ def table(zeroshot: dict, retrieval: dict, dims: list) -> str:
                 for label in labels]
         rows.append(row)
     header = (["dim"] + [f"top-1 {label}" for label in labels] +
-              [f"{metric.split('_')[0]} R@10 {label}" for metric in RETRIEVAL_METRICS for label in labels])
+              [f"{DIRECTION[metric]} R@10 {label}" for metric in RETRIEVAL_METRICS for label in labels])
     return render_table(header, rows)
 
 
