@@ -154,8 +154,8 @@ class PlainEngine:
         if checkpoint.get("dims") not in (None, dims):
             raise UserError(f"{path} was trained with --dims {checkpoint['dims']}, not {dims}")
         check_locks(path, checkpoint.get("locks", ""), locks)
-        if "state_dict" in checkpoint:
-            check_siglip(path, "logit_bias" in checkpoint["state_dict"], siglip)
+        if "state_dict" in checkpoint:  # ours say; for other open_clip checkpoints a logit_bias tells
+            check_siglip(path, checkpoint.get("siglip", "logit_bias" in checkpoint["state_dict"]), siglip)
         if "optimizer" not in checkpoint:
             raise UserError(f"{path} holds weights only (a DeepSpeed run's fp32 copy): resume that run with "
                             "--deepspeed, or start from these weights with --pretrained")
