@@ -177,3 +177,16 @@ def test_siglip_bad_dims_rejected():
     img, txt = features(d=32)
     with pytest.raises(ValueError):
         MatryoshkaSigLipLoss([8, 64])(img, txt, torch.tensor(1.0), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("dtype,u", DTYPES)
+def test_clip_loss_takes_a_logit_bias_as_open_clip_clip_loss_does(dtype, u):
+    """A model with a logit_bias trained with the CLIP loss: added to the logits as open_clip's ClipLoss adds it
+    (softmax ignores it: the loss is the unbiased one). The bias adds one rounding of |logit| <= scale + |bias| per
+    logit, taken as a feature error of (scale + |bias|) / scale * u."""
+    img, txt = features(dtype=dtype)
+    scale, bias = torch.tensor(14.3, dtype=dtype), torch.tensor(-10.0, dtype=dtype)
+    ours, _ = MatryoshkaClipLoss([64])(img, txt, scale, bias)
+    reference = ClipLoss()(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale, bias)
+    tolerance = 2 * numerics.loss_tolerance(14.3, [64], [1.0], 16, u, feature_error=(24.3 / 14.3) * u)
+    assert abs(float(ours) - float(reference)) <= tolerance
