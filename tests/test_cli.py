@@ -45,6 +45,24 @@ def narrower_tiny_checkpoint(tmp):
     return str(path)
 
 
+def clip_tiny_checkpoint(tmp):
+    """A trainer-format checkpoint of the tiny architecture as a CLIP run leaves it (no logit_bias)."""
+    import open_clip
+    path = tmp / "tiny_clip.pt"
+    model = open_clip.create_model(TINY)
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({"step": 1, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    return str(path)
+
+
+def siglip_tiny_checkpoint(tmp):
+    """An open_clip checkpoint of the tiny architecture as a --siglip run leaves it (with a logit_bias)."""
+    import open_clip
+    path = tmp / "tiny_siglip.pt"
+    torch.save({"step": 1, "state_dict": open_clip.create_model(TINY, init_logit_bias=-10.0).state_dict()}, path)
+    return str(path)
+
+
 def shards_with_sizes(data, tmp, sizes):
     """A copy of the training shards with the given sizes.json text."""
     folder = tmp / "shards"
@@ -163,6 +181,13 @@ def bad_inputs(data, tmp):
         ("report to wandb", train + ["--dims", "256", "--report-to", "wandb"], "Weights & Biases is not supported"),
         ("report to an unknown logger", train + ["--dims", "256", "--report-to", "tensorbord"],
                                         "--report-to takes 'tensorboard'"),
+        ("siglip resuming a CLIP run",
+            lambda: train + ["--dims", "256", "--siglip", "--resume", clip_tiny_checkpoint(tmp)],
+            "was trained without --siglip"),
+        ("eval checkpoint of a siglip run by model name",
+            lambda: zeroshot + ["--pretrained", siglip_tiny_checkpoint(tmp)], "holds a logit_bias"),
+        ("siglip unknown exchange", train + ["--dims", "256", "--siglip", "--loss-dist-impl", "ring"],
+                                    "invalid choice"),
         ("csv empty caption",
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.csv", "image,caption\nimg.png,  \n")], "pairs.csv:2: empty caption"),

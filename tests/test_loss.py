@@ -1,10 +1,11 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 
 from mrl_clip.errors import UserError
-from mrl_clip.loss import MatryoshkaClipLoss
+from mrl_clip.loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
 from tests import numerics
 
 
@@ -101,3 +102,91 @@ def test_dims_above_feature_width_rejected():
     img, txt = features(d=32)
     with pytest.raises(ValueError):
         MatryoshkaClipLoss([8, 64])(img, txt, torch.tensor(1.0))
+
+
+# SigLIP at open_clip_train's initial scale and bias (10, -10): each side within numerics.siglip_loss_tolerance of the
+# exact value.
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
+
+
+@pytest.mark.parametrize("dtype,u", DTYPES)
+def test_siglip_full_dim_equals_open_clip_siglip_loss(dtype, u):
+    img, txt = features(dtype=dtype)
+    scale, bias = torch.tensor(SIGLIP_SCALE, dtype=dtype), torch.tensor(SIGLIP_BIAS, dtype=dtype)
+    ours, per_dim = MatryoshkaSigLipLoss([64])(img, txt, scale, bias)
+    reference = SigLipLoss()(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale, bias)
+    tolerance = 2 * numerics.siglip_loss_tolerance(SIGLIP_SCALE, SIGLIP_BIAS, [64], [1.0], 16, u=u)
+    assert abs(float(ours) - float(reference)) <= tolerance
+    assert list(per_dim) == [64] and float(per_dim[64]) == float(ours)
+
+
+@pytest.mark.parametrize("dtype,u", DTYPES)
+def test_siglip_is_a_weighted_sum_of_open_clip_siglip_loss_per_prefix_in_float64(dtype, u):
+    """The reference: open_clip's SigLipLoss on each re-normalised prefix, in float64 from the same features (made
+    in float32, so that the float32 side's inputs are exact)."""
+    img, txt = features()
+    dims, weights = [8, 16, 32, 64], [2.0, 1.0, 0.5, 1.0]
+    scale, bias = 7.0, -4.0
+    total, per_dim = MatryoshkaSigLipLoss(dims, weights)(img.to(dtype), txt.to(dtype), torch.tensor(scale, dtype=dtype),
+                                                         torch.tensor(bias, dtype=dtype))
+    img64, txt64 = img.double(), txt.double()
+    expected = 0.0
+    for m, w in zip(dims, weights):
+        ref = SigLipLoss()(F.normalize(img64[:, :m], dim=-1), F.normalize(txt64[:, :m], dim=-1),
+                           torch.tensor(scale, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64))
+        tolerance = (numerics.siglip_loss_tolerance(scale, bias, [m], [1.0], 16, u=u) +
+                     numerics.siglip_loss_tolerance(scale, bias, [m], [1.0], 16, u=numerics.U64))
+        assert abs(float(per_dim[m]) - float(ref)) <= tolerance, m
+        expected = expected + w * ref
+    tolerance = (numerics.siglip_loss_tolerance(scale, bias, dims, weights, 16, u=u) +
+                 numerics.siglip_loss_tolerance(scale, bias, dims, weights, 16, u=numerics.U64))
+    assert abs(float(total) - float(expected)) <= tolerance
+
+
+def test_siglip_float64_recomputation_by_hand():
+    """The SigLIP paper's loss written out: -(1/B) sum_ij log sigmoid(y_ij (s cos_ij + b)), y = +1 on the
+    diagonal and -1 elsewhere, per prefix."""
+    img, txt = features(n=8, d=16, dtype=torch.float64)
+    scale, bias = 5.0, -3.0
+    total, _ = MatryoshkaSigLipLoss([4, 16], [1.0, 3.0])(img, txt, torch.tensor(scale, dtype=torch.float64),
+                                                        torch.tensor(bias, dtype=torch.float64))
+    expected = 0.0
+    for m, w in ((4, 1.0), (16, 3.0)):
+        a = img[:, :m].numpy() / np.linalg.norm(img[:, :m].numpy(), axis=1, keepdims=True)
+        b = txt[:, :m].numpy() / np.linalg.norm(txt[:, :m].numpy(), axis=1, keepdims=True)
+        signs = 2 * np.eye(8) - 1
+        expected += w * np.log1p(np.exp(-signs * (scale * a @ b.T + bias))).sum() / 8
+    tolerance = 2 * numerics.siglip_loss_tolerance(scale, bias, [4, 16], [1.0, 3.0], 8, u=numerics.U64)
+    assert abs(float(total) - expected) <= tolerance
+
+
+def test_siglip_float64_gradients_match_finite_differences():
+    img, txt = features(n=6, d=12, dtype=torch.float64)
+    scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    loss = MatryoshkaSigLipLoss([3, 6, 12], weights=[1.0, 0.5, 2.0])
+    inputs = (img.requires_grad_(True), txt.requires_grad_(True), scale, bias)
+    assert torch.autograd.gradcheck(lambda *x: loss(*x)[0], inputs, eps=1e-6, atol=1e-6)
+
+
+def test_siglip_bad_dims_rejected():
+    with pytest.raises(UserError):
+        MatryoshkaSigLipLoss([16, 8])
+    with pytest.raises(UserError):
+        MatryoshkaSigLipLoss([8, 16], weights=[1.0])
+    img, txt = features(d=32)
+    with pytest.raises(ValueError):
+        MatryoshkaSigLipLoss([8, 64])(img, txt, torch.tensor(1.0), torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("dtype,u", DTYPES)
+def test_clip_loss_takes_a_logit_bias_as_open_clip_clip_loss_does(dtype, u):
+    """A model with a logit_bias trained with the CLIP loss: added to the logits as open_clip's ClipLoss adds it
+    (softmax ignores it: the loss is the unbiased one). The bias adds one rounding of |logit| <= scale + |bias| per
+    logit, taken as a feature error of (scale + |bias|) / scale * u."""
+    img, txt = features(dtype=dtype)
+    scale, bias = torch.tensor(14.3, dtype=dtype), torch.tensor(-10.0, dtype=dtype)
+    ours, _ = MatryoshkaClipLoss([64])(img, txt, scale, bias)
+    reference = ClipLoss()(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale, bias)
+    tolerance = 2 * numerics.loss_tolerance(14.3, [64], [1.0], 16, u, feature_error=(24.3 / 14.3) * u)
+    assert abs(float(ours) - float(reference)) <= tolerance

@@ -36,7 +36,8 @@ def main(argv=None):
     out = Path(args.out)
     checkpoint_path = out / f"{tag}.pt"
     checkpoint, model = deepspeed_engine.write_open_clip_checkpoint(ds_dir, tag, checkpoint_path)
-    export_local_dir(model, models.model_config(checkpoint["model"]), out / "export")
+    export_local_dir(model, models.training_config(checkpoint["model"], checkpoint.get("siglip", False)),
+                     out / "export")
     print(f"{checkpoint_path} (open_clip checkpoint of {checkpoint['model']}, step {checkpoint.get('step')}); "
           f"local-dir:{out / 'export'}")
     return 0

@@ -1,9 +1,9 @@
 """The DeepSpeed path of mrl_clip.train: config, the engine's part of loop.train_step, checkpoints and fp32 export.
 
 What the engine needs that plain DDP does not, and why:
-- open_clip's `logit_scale` is a 0-dim parameter; `deepspeed.initialize` (ZeRO's flat buffers) and ZeRO-0's fp32
-  gradient clipping cannot take one, so the engine trains it reshaped to [1]; every state dict we write reshapes
-  it back, so checkpoints and exports stay open_clip's.
+- open_clip's `logit_scale` (and a SigLIP model's `logit_bias`) is a 0-dim parameter; `deepspeed.initialize`
+  (ZeRO's flat buffers) and ZeRO-0's fp32 gradient clipping cannot take one, so the engine trains it reshaped to
+  [1]; every state dict we write reshapes it back, so checkpoints and exports stay open_clip's.
 - with bf16/fp16 the engine holds low-precision weights and the fp32 masters live in the (partitioned) optimizer:
   the fp32 open_clip checkpoint is rebuilt from DeepSpeed's own checkpoint with its `zero_to_fp32` tool (at the
   end of a run, or by convert_deepspeed: it reads every rank's optimizer state, too slow for every save), and the
@@ -26,9 +26,10 @@ import torch.distributed as dist
 from ..checkpoint import prune_checkpoints, step_checkpoints
 from ..errors import UserError
 from ..files import atomic_torch_save, atomic_write
-from .plain_engine import LOGIT_SCALE_MAX, RUN_STATE_KEYS, check_locks
+from .plain_engine import LOGIT_SCALE_MAX, RUN_STATE_KEYS, check_locks, check_siglip
 
 TAG_PREFIX = "step_"
+SCALARS = ("logit_scale", "logit_bias")  # open_clip's 0-dim parameters, trained as [1] by the engine
 STEP_TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -79,13 +80,18 @@ def ensure_process_group(device: torch.device) -> None:
 
 
 def vector_logit_scale(model) -> None:
-    model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
+    """logit_scale, and logit_bias where the model has one, reshaped to [1]."""
+    for name in SCALARS:
+        if getattr(model, name, None) is not None:
+            setattr(model, name, torch.nn.Parameter(getattr(model, name).detach().reshape(1)))
 
 
 def open_clip_state_dict(state_dict: dict) -> dict:
-    """Engine weights → open_clip's layout: 0-dim logit_scale, fp32, on the CPU."""
+    """Engine weights → open_clip's layout: 0-dim logit_scale (and logit_bias), fp32, on the CPU."""
     out = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in state_dict.items()}
-    out["logit_scale"] = out["logit_scale"].reshape(())
+    for name in SCALARS:
+        if name in out:
+            out[name] = out[name].reshape(())
     return out
 
 
@@ -169,7 +175,7 @@ def client_state(ds_dir: Path, tag: str) -> dict:
     if path is None:
         raise UserError(f"not a DeepSpeed checkpoint folder (no mp_rank_00_model_states.pt): {folder}")
     states = torch.load(path, map_location="cpu", weights_only=True)
-    keys = ("step", "epoch", "name", "model", "dims", "dim_weights", "world_size", "seed", "locks")
+    keys = ("step", "epoch", "name", "model", "dims", "dim_weights", "world_size", "seed", "locks", "siglip")
     return {k: states[k] for k in keys if k in states}
 
 
@@ -187,7 +193,7 @@ def write_open_clip_checkpoint(ds_dir: Path, tag: str, path: Path) -> tuple[dict
     if "model" not in checkpoint:
         raise UserError(f"{Path(ds_dir) / tag} was not written by mrl_clip.train (no model name in it)")
     atomic_torch_save(checkpoint, path)
-    model = models.create(checkpoint["model"])[0]
+    model = models.create(checkpoint["model"], siglip=checkpoint.get("siglip", False))[0]
     model.load_state_dict(checkpoint["state_dict"])
     return checkpoint, model
 
@@ -279,7 +285,7 @@ class DeepSpeedEngine:
         return Path(checkpoint_dir) / "deepspeed" / tag if tag else None
 
     def resume(self, resume: Optional[str], checkpoint_dir: Path, dims: list, model_name: str,
-               locks: str = "") -> tuple:
+               locks: str = "", siglip: bool = False) -> tuple:
         """(step, run state, False: DeepSpeed keeps no RNG state) from --resume: 'latest' (DeepSpeed's newest
         complete checkpoint of this run; none yet: a fresh start) or a checkpoint folder RUN/checkpoints/deepspeed/
         step_N."""
@@ -291,7 +297,9 @@ class DeepSpeedEngine:
                 return 0, {}, False
         else:
             folder = Path(resume)
-        check_locks(folder, client_state(folder.parent, folder.name).get("locks", ""), locks)
+        saved = client_state(folder.parent, folder.name)
+        check_locks(folder, saved.get("locks", ""), locks)
+        check_siglip(folder, saved.get("siglip", False), siglip)
         state = load(self.engine, folder.parent, folder.name)
         if state.get("dims") not in (None, dims):
             raise UserError(f"{folder} was trained with --dims {state['dims']}, not {dims}")

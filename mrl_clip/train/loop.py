@@ -31,6 +31,7 @@ class StepResult:
     per_dim: dict
     logit_scale: float  # exp(logit_scale) as the loss used it
     skipped: bool = False
+    logit_bias: Optional[float] = None  # a model with one (SigLIP)
 
 
 def all_ranks_finite(loss) -> bool:
@@ -45,7 +46,8 @@ def train_step(engine, loss_fn, batches: list, autocast: Callable = nullcontext)
     """One optimizer step over `batches` ([(images, texts)], --accum-freq of them). With several, open_clip's
     scheme: every batch's features are computed without gradients first, then each batch is re-encoded with
     gradients and the loss sees all batches' features, so the gradient is that of one batch of all their samples.
-    Unlike open_clip, logit_scale's gradient counts once, not accum_freq times: each pass gives 1/accum_freq of it.
+    Unlike open_clip, logit_scale's gradient (and a SigLIP model's logit_bias's) counts once, not accum_freq times:
+    each pass gives 1/accum_freq of it.
     (Every pass still uses it: left out of a pass, it would be unused in the pass DDP synchronises, and ZeRO-3
     reduces a wrong gradient for it in a step whose first micro-batch left it out.) The loss runs in fp32 whatever
     the towers' precision. A non-finite loss skips the step on every rank before any backward; a non-finite
@@ -57,18 +59,20 @@ def train_step(engine, loss_fn, batches: list, autocast: Callable = nullcontext)
     for j, (images, texts) in enumerate(batches):
         with engine.no_sync(last=j == len(batches) - 1):
             with autocast():
-                image_features, text_features, logit_scale = engine(images, texts)
+                # (image, text, exp(logit_scale)), and logit_bias for a model with one
+                image_features, text_features, *scalars = engine(images, texts)
                 if len(batches) > 1:
-                    # the same value, and 1/K of its gradient from each of the K passes
-                    logit_scale = logit_scale.detach() + (logit_scale - logit_scale.detach()) / len(batches)
+                    # the same values, and 1/K of their gradients from each of the K passes
+                    scalars = [s.detach() + (s - s.detach()) / len(batches) for s in scalars]
                     image_features = torch.cat([c[0] for c in cached[:j]] + [image_features.float()] +
                                                [c[0] for c in cached[j + 1:]])
                     text_features = torch.cat([c[1] for c in cached[:j]] + [text_features.float()] +
                                               [c[1] for c in cached[j + 1:]])
-                total, per_dim = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+                total, per_dim = loss_fn(image_features.float(), text_features.float(), *[s.float() for s in scalars])
             if j == 0:
-                result = StepResult(float(total.detach()), {m: float(v) for m, v in per_dim.items()},
-                                    float(logit_scale.detach().float().reshape(-1)[0]))
+                values = [float(s.detach().float().reshape(-1)[0]) for s in scalars]
+                result = StepResult(float(total.detach()), {m: float(v) for m, v in per_dim.items()}, values[0],
+                                    logit_bias=values[1] if len(values) > 1 else None)
                 if not all_ranks_finite(total):
                     result.skipped = True
                     return result
@@ -186,6 +190,7 @@ def log_step(run: Run, epoch: int, lr: float, result: StepResult, t_data: float,
     step_samples = run.args.batch_size * run.args.accum_freq * run.args.world_size
     record = {"step": run.step, "epoch": epoch, "lr": lr, "loss": result.loss,
               "loss_dim": {str(m): v for m, v in result.per_dim.items()}, "logit_scale": result.logit_scale,
+              **({} if result.logit_bias is None else {"logit_bias": result.logit_bias}),
               "samples_per_s": step_samples / max(now - t_data, 1e-9), "step_s": now - t_step,
               "bad_samples": run.position.bad_samples, "samples_read": run.position.samples_read,
               "skipped_step": result.skipped, "skipped_steps": run.nonfinite.total}

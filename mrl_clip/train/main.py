@@ -3,6 +3,7 @@
     python -m mrl_clip.train --model MRL-Tiny-28 --train-data 'shards/train-{0000..0009}.tar' \
         --dims 8,16,32,64,128,256 --batch-size 128 --epochs 1 --logs runs --name mrl
     ... --deepspeed configs/ds_zero2_bf16.json       # the same loop through a DeepSpeed engine
+    ... --siglip                                       # open_clip's sigmoid (SigLIP) loss at every prefix
 
 Flags share open_clip's names where open_clip's trainer has the same thing. A run folder LOGS/NAME holds
 checkpoints/step_N.pt (open_clip's checkpoint format), export/ (a local-dir: model), log.jsonl and params.json;
@@ -30,7 +31,7 @@ from ..checkpoint import export_local_dir
 from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
-from ..loss import MatryoshkaClipLoss
+from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
 from . import deepspeed_engine, finetune, tensorboard_log, validate
 from .agree import RankAgreement
 from .data import batches_per_epoch, check_shards, count_samples, gather_positions, position_for_rank, rank_shards
@@ -68,8 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "amp", "amp_bf16", "amp_bfloat16"], default="fp32")
     p.add_argument("--workers", type=int, default=1, help="data loader workers per rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--local-loss", action="store_true")
-    p.add_argument("--gather-with-grad", action="store_true")
+    p.add_argument("--local-loss", action="store_true", help="CLIP loss: logits of this rank's rows only")
+    p.add_argument("--gather-with-grad", action="store_true", help="CLIP loss: gather features with gradients")
+    p.add_argument("--siglip", action="store_true",
+                   help="open_clip's sigmoid (SigLIP) loss at every prefix instead of the CLIP loss; as with "
+                        "open_clip_train the model gets logit_scale log(10) and a logit_bias of -10, and "
+                        "--local-loss / --gather-with-grad do not apply")
+    p.add_argument("--loss-dist-impl", choices=["bidir", "shift", "reduce", "gather"], default=None,
+                   help="with --siglip, how ranks exchange text features (open_clip's SigLipLoss; default bidir)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dist-backend", default=None)
     p.add_argument("--dist-url", default=None)
@@ -130,12 +137,12 @@ def main(argv=None):
 
     random_seed(args.seed, 0)  # the same initial weights on every rank
     model, preprocess_train, preprocess_val, tokenizer = models.create(
-        args.model, args.pretrained, device=str(device), pretrained_image=args.pretrained_image)
+        args.model, args.pretrained, device=str(device), pretrained_image=args.pretrained_image, siglip=args.siglip)
     clamp_logit_scale(model)
     finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
     engine, optimizer = make_engine(args, model, device, ds_config)
     step, run_state, rng_restored = engine.resume(args.resume, run_dir / "checkpoints", args.dims, args.model,
-                                                  finetune.lock_record(args))
+                                                  finetune.lock_record(args), args.siglip)
     if not rng_restored:
         random_seed(args.seed + step * args.world_size, args.rank)  # a stream of its own for each (rank, step)
     if args.distributed and ds_config is None:
@@ -208,9 +215,7 @@ def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, step
             writer = tensorboard_log.make_writer(run_dir, step)
     return Run(
         args=args, engine=engine, step=step, run_dir=run_dir, preprocess=preprocess, tokenizer=tokenizer,
-        loss_fn=MatryoshkaClipLoss(args.dims, args.dim_weights, local_loss=args.local_loss,
-                                   gather_with_grad=args.gather_with_grad, rank=args.rank,
-                                   world_size=args.world_size),
+        loss_fn=make_loss(args),
         autocast=get_autocast(args.precision, device_type=torch.device(args.device).type),
         schedule=cosine_lr(optimizer, args.lr, args.warmup, steps_per_epoch * args.epochs),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
@@ -226,6 +231,14 @@ def make_validation(args, preprocess_val, run: Run) -> validate.Validation:
     schedule = validate.ValSchedule(args.val_every_n_steps, args.val_frequency, run.steps_per_epoch,
                                     run.total_steps)
     return validate.Validation(val_set, schedule, args.dims)
+
+
+def make_loss(args):
+    if args.siglip:
+        return MatryoshkaSigLipLoss(args.dims, args.dim_weights, rank=args.rank, world_size=args.world_size,
+                                    dist_impl=args.loss_dist_impl)
+    return MatryoshkaClipLoss(args.dims, args.dim_weights, local_loss=args.local_loss,
+                              gather_with_grad=args.gather_with_grad, rank=args.rank, world_size=args.world_size)
 
 
 def train(run: Run) -> bool:
@@ -250,7 +263,7 @@ def save(run: Run) -> None:
     payload = {"step": run.step, "epoch": run.step // run.steps_per_epoch, "name": args.name, "model": args.model,
                "dims": args.dims, "dim_weights": args.dim_weights, "world_size": args.world_size, "seed": args.seed,
                "data": gather_positions(run.position, args.distributed, args.world_size),
-               "nonfinite": run.nonfinite.state_dict(), "locks": finetune.lock_record(args),
+               "nonfinite": run.nonfinite.state_dict(), "locks": finetune.lock_record(args), "siglip": args.siglip,
                "validated_step": run.val.last_step if run.val is not None else None}
     run.engine.save_checkpoint(run.checkpoint_dir, run.step, payload, args.keep_checkpoints)
 
@@ -258,7 +271,7 @@ def save(run: Run) -> None:
 def export(run: Run) -> None:
     """Rank 0, after the last save: RUN/export (local-dir:, plain open_clip loads it)."""
     model = run.engine.export_model(run.checkpoint_dir, run.step)
-    export_local_dir(model, models.model_config(run.args.model), run.run_dir / "export")
+    export_local_dir(model, models.training_config(run.args.model, run.args.siglip), run.run_dir / "export")
     print(f"done: {run.step} steps; checkpoint {run.checkpoint_dir / f'step_{run.step}.pt'}; "
           f"export local-dir:{run.run_dir / 'export'}; bad samples skipped: {run.position.bad_samples}; "
           f"non-finite steps skipped: {run.nonfinite.total}", file=sys.stderr)

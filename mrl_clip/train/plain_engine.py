@@ -43,6 +43,13 @@ def check_locks(path, saved: str, locks: str) -> None:
                         "resume with the same --lock-* flags")
 
 
+def check_siglip(path, saved: bool, siglip: bool) -> None:
+    """A resume trains the loss its run trained (a SigLIP run's model has a logit_bias, a CLIP run's has none)."""
+    if saved != siglip:
+        raise UserError(f"{path} was trained {'with' if saved else 'without'} --siglip: resume it "
+                        f"{'with' if saved else 'without'} --siglip")
+
+
 def gradients_finite(model) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
@@ -126,7 +133,7 @@ class PlainEngine:
         return latest_checkpoint(checkpoint_dir)
 
     def resume(self, resume: Optional[str], checkpoint_dir: Path, dims: list, model_name: str,
-               locks: str = "") -> tuple:
+               locks: str = "", siglip: bool = False) -> tuple:
         """(step, run state, whether the RNG state was restored) from --resume: 'latest' (the newest step_N.pt
         that loads; none: a fresh start, as open_clip does) or a checkpoint file."""
         if resume is None:
@@ -141,16 +148,19 @@ class PlainEngine:
             if not path.is_file():
                 raise UserError(f"--resume checkpoint not found: {resume}")
             checkpoint = load_checkpoint_file(path)
-        self.load(path, checkpoint, dims, model_name, locks)
+        self.load(path, checkpoint, dims, model_name, locks, siglip)
         restored = "rng" in checkpoint and checkpoint.get("world_size", 1) == self.world_size == 1
         if restored:
             set_rng_state(checkpoint["rng"][0])
         return int(checkpoint["step"]), {k: checkpoint[k] for k in RUN_STATE_KEYS if k in checkpoint}, restored
 
-    def load(self, path: Path, checkpoint: dict, dims: list, model_name: str, locks: str = "") -> None:
+    def load(self, path: Path, checkpoint: dict, dims: list, model_name: str, locks: str = "",
+             siglip: bool = False) -> None:
         if checkpoint.get("dims") not in (None, dims):
             raise UserError(f"{path} was trained with --dims {checkpoint['dims']}, not {dims}")
         check_locks(path, checkpoint.get("locks", ""), locks)
+        if "state_dict" in checkpoint:  # ours say; for other open_clip checkpoints a logit_bias tells
+            check_siglip(path, checkpoint.get("siglip", "logit_bias" in checkpoint["state_dict"]), siglip)
         if "optimizer" not in checkpoint:
             raise UserError(f"{path} holds weights only (a DeepSpeed run's fp32 copy): resume that run with "
                             "--deepspeed, or start from these weights with --pretrained")
