@@ -129,3 +129,43 @@ def ranking_scores(scores: np.ndarray, precision: str) -> np.ndarray:
     if precision != "binary":
         return scores
     return scores.astype(np.float64) - np.arange(scores.shape[1]) / scores.shape[1]
+
+
+def prefix_codes(embeddings, dim: int, precision: str, ranges=None) -> tuple:
+    """(codes, ranges) of the re-normalised dim-prefixes of full-width embeddings: what OpenAI's `dimensions` and
+    sentence-transformers' truncate_dim + quantize_embeddings give. int8 calibrates on these embeddings unless
+    ranges are given (ranges is None for the other precisions)."""
+    check_precision(precision)
+    embeddings = np.asarray(embeddings)
+    if not 1 <= dim <= embeddings.shape[1]:
+        raise UserError(f"--dim {dim} is outside 1..{embeddings.shape[1]} (the embedding width)")
+    prefixes = normalized_prefix(embeddings, dim)
+    if precision == "int8":
+        ranges = calibrate(prefixes) if ranges is None else np.asarray(ranges, dtype=np.float32)
+        if ranges.shape != (2, dim):
+            raise UserError(f"int8 ranges must be [2, {dim}] (min row, max row), got {list(ranges.shape)}")
+    else:
+        ranges = None
+    return encode(prefixes, precision, ranges), ranges
+
+
+def search(query_prefixes: np.ndarray, codes: np.ndarray, precision: str, dim: int, k: int, ranges=None) -> tuple:
+    """(scores, ids) [queries, k], best first, of float32 query prefixes against stored codes, by faiss: int8
+    through IndexScalarQuantizer (inner product, float query . decoded code), binary through IndexBinaryFlat
+    (Hamming; scores dim - 2 * hamming, ties in id order), floats by brute-force inner product."""
+    queries = np.ascontiguousarray(query_prefixes, dtype=np.float32)
+    k = min(k, len(codes))
+    if precision == "binary":
+        index = faiss.IndexBinaryFlat(8 * codes.shape[1])
+        index.add(np.ascontiguousarray(codes, dtype=np.uint8))
+        distances, ids = index.search(encode(queries, "binary"), k)
+        return (dim - 2 * distances).astype(np.float32), ids
+    if precision == "int8":
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        index.sq = scalar_quantizer(ranges)
+        index.is_trained = True
+        index.add_sa_codes((np.asarray(codes).astype(np.int16) + INT8_OFFSET).astype(np.uint8))
+        return index.search(queries, k)
+    if precision == "float16":
+        queries = queries.astype(np.float16).astype(np.float32)
+    return faiss.knn(queries, decode(codes, precision), k, metric=faiss.METRIC_INNER_PRODUCT)

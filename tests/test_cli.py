@@ -119,6 +119,8 @@ def bad_inputs(data, tmp):
                      eval_folder_without(data, tmp, "classnames.txt")], "has no classnames.txt"),
         ("eval unknown embedding precision", zeroshot + ["--embedding-precision", "float32,int4"],
                                              "unknown precision 'int4'"),
+        ("embed unknown precision", ["mrl_clip.embed", "--model", TINY, "--texts", tmp / "t.txt", "--output",
+                                     tmp / "t.npz", "--precision", "int4"], "unknown precision 'int4'"),
         ("eval recall@0", ["mrl_clip.eval", "retrieval", "--model", TINY, "--data", data["eval"], "--recall-k", "0"],
                           "--recall-k must be positive"),
         ("csv with a missing image",

@@ -269,3 +269,108 @@ def test_eval_retrieval_cli_reports_each_precision(trained_run, fmnist_data, tmp
             assert metrics["bytes_per_vector"] == quantize.bytes_per_vector(precision, int(dim))
     assert "== int8" in result.stdout and "== binary" in result.stdout
     assert (tmp_path / "r_precision.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    from PIL import Image
+
+    from pipelines import fashion_mnist
+
+    images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, "test")
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(40):
+        Image.fromarray(images[i]).save(folder / f"{i:03d}_{fashion_mnist.CLASSNAMES[labels[i]]}.png")
+    return folder
+
+
+def test_save_embeddings_writes_prefix_codes_and_calibration(tmp_path):
+    from mrl_clip.search.embed import load_embeddings, read_embeddings, save_embeddings
+
+    rng = np.random.default_rng(3)
+    full = gaussian_rows(rng, 50)
+    for precision, dim in (("int8", 12), ("binary", 13), ("float16", 12)):
+        path = tmp_path / f"{precision}.npz"
+        save_embeddings(path, torch.from_numpy(full), [f"x{i}" for i in range(50)], {"kind": "texts"}, dim=dim,
+                        precision=precision)
+        stored = read_embeddings(path)
+        assert (stored.precision, stored.dim, stored.width) == (precision, dim, WIDTH)
+        assert stored.meta["normalised"] == "prefix" and stored.items[3] == "x3"
+        prefix = prefix64(full, dim)
+        if precision == "int8":
+            codes, decoded, edge, lo, diff = int8_reference(full, dim)
+            np.testing.assert_array_equal(stored.ranges[0], lo)
+            np.testing.assert_array_equal(stored.ranges[1] - stored.ranges[0], diff)
+            ours = stored.codes.astype(np.int64) + 128
+            assert np.all((ours == codes) | edge)
+            # the docstring's decoding, in numpy: min + (code + 128.5) / 255 * (max - min)
+            mine = stored.ranges[0] + (stored.codes + 128.5) / 255 * (stored.ranges[1] - stored.ranges[0])
+            np.testing.assert_allclose(quantize.decode(stored.codes, "int8", stored.ranges), mine, rtol=0, atol=1e-6)
+        elif precision == "binary":
+            np.testing.assert_array_equal(np.unpackbits(stored.codes, axis=1, count=dim), prefix > 0)
+        else:
+            np.testing.assert_array_equal(stored.codes, prefix.astype(np.float32).astype(np.float16))
+            np.testing.assert_array_equal(load_embeddings(path)[0], stored.codes)
+    with pytest.raises(UserError, match="holds int8 codes"):
+        load_embeddings(tmp_path / "int8.npz")
+
+
+@pytest.mark.parametrize("precision", ["int8", "binary"])
+def test_embed_prefix_codes_then_search(trained_run, photo_folder, tmp_path, precision):
+    """`embed --dim 16 --precision P`, then `search --text`: the hits are numpy's brute force over the file's codes
+    (decoded with its ranges, or as sign bits) with the query encoded here by open_clip at full width, sliced to 16
+    and re-normalised."""
+    import open_clip
+
+    from mrl_clip.search.embed import read_embeddings
+
+    from .conftest import run_module
+
+    export, dim = f"local-dir:{trained_run['export']}", 16
+    index_file = tmp_path / "photos.npz"
+    result = run_module("mrl_clip.embed", "--model", export, "--images", photo_folder, "--output", index_file,
+                        "--dim", dim, "--precision", precision)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"x 16 dims ({precision}, {quantize.bytes_per_vector(precision, dim)} bytes each)" in result.stdout
+    stored = read_embeddings(index_file)
+    queries = ["a photo of a sandal.", "a photo of a trouser.", "a bag."]
+    hits = tmp_path / "hits.json"
+    result = run_module("mrl_clip.search", "--index", index_file, *[a for q in queries for a in ("--text", q)],
+                        "--k", 5, "--output", hits)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(hits.read_text())["queries"]
+    ids = np.array([[h["id"] for h in q["results"]] for q in found])
+    scores = np.array([[h["score"] for h in q["results"]] for q in found])
+
+    model, _, _ = open_clip.create_model_and_transforms(export)
+    with torch.no_grad():
+        text = model.eval().encode_text(open_clip.get_tokenizer(export)(queries)).numpy()
+    q = prefix64(text, dim)
+    if precision == "binary":
+        exact = np.where(q > 0, 1, -1) @ (np.unpackbits(stored.codes, axis=1, count=dim).astype(int) * 2 - 1).T
+        order = np.lexsort((np.broadcast_to(np.arange(exact.shape[1]), exact.shape), -exact), axis=1)[:, :5]
+        np.testing.assert_array_equal(ids, order)
+        np.testing.assert_array_equal(scores, np.take_along_axis(exact, order, 1))
+        return
+    lo, hi = stored.ranges.astype(np.float64)
+    exact = q @ (lo + (stored.codes + 128.5) / 255 * (hi - lo)).T
+    tolerance = int8_tolerance(q, lo, hi - lo, dim)
+    for row in range(len(queries)):
+        numerics.assert_top_k_within(ids[row:row + 1], exact[row:row + 1], tolerance[row])
+        assert np.all(np.abs(scores[row] - exact[row, ids[row]]) <= tolerance[row])
+
+
+@pytest.mark.parametrize("precision, args, message", [
+    ("int8", ["--dim", "8"], "searchable at 16 only"),
+    ("binary", ["--funnel", "16:10,16:5"], "--funnel needs float embeddings"),
+    ("int8", ["--dim", "17"], "outside 1..16"),
+])
+def test_search_of_codes_refuses_what_they_cannot_do(trained_run, tmp_path, precision, args, message):
+    from mrl_clip.search import main as search
+    from mrl_clip.search.embed import save_embeddings
+
+    index_file = tmp_path / "five.npz"
+    save_embeddings(index_file, torch.randn(5, 256), [f"item{i}" for i in range(5)],
+                    {"model": f"local-dir:{trained_run['export']}", "kind": "texts"}, dim=16, precision=precision)
+    with pytest.raises(UserError, match=message):
+        search.main(["--index", str(index_file), "--text", "x", *args])
