@@ -298,7 +298,7 @@ def test_save_embeddings_writes_prefix_codes_and_calibration(tmp_path):
         assert stored.meta["normalised"] == "prefix" and stored.items[3] == "x3"
         prefix = prefix64(full, dim)
         if precision == "int8":
-            codes, decoded, edge, lo, diff = int8_reference(full, dim)
+            codes, _, edge, lo, diff = int8_reference(full, dim)
             np.testing.assert_array_equal(stored.ranges[0], lo)
             np.testing.assert_array_equal(stored.ranges[1] - stored.ranges[0], diff)
             ours = stored.codes.astype(np.int64) + 128
@@ -316,28 +316,25 @@ def test_save_embeddings_writes_prefix_codes_and_calibration(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["int8", "binary"])
-def test_embed_prefix_codes_then_search(trained_run, photo_folder, tmp_path, precision):
-    """`embed --dim 16 --precision P`, then `search --text`: the hits are numpy's brute force over the file's codes
-    (decoded with its ranges, or as sign bits) with the query encoded here by open_clip at full width, sliced to 16
-    and re-normalised."""
+def test_embed_prefix_codes_then_search(trained_run, photo_folder, tmp_path, precision, capsys):
+    """`embed --dim 16 --precision P`, then `search --text` (their main(), in-process; the `python -m` wiring is
+    test_cli's): the hits are numpy's brute force over the file's codes (decoded with its ranges, or as sign bits)
+    with the query encoded here by open_clip at full width, sliced to 16 and re-normalised."""
     import open_clip
 
-    from mrl_clip.search.embed import read_embeddings
-
-    from .conftest import run_module
+    from mrl_clip.search import embed
+    from mrl_clip.search import main as search
 
     export, dim = f"local-dir:{trained_run['export']}", 16
     index_file = tmp_path / "photos.npz"
-    result = run_module("mrl_clip.embed", "--model", export, "--images", photo_folder, "--output", index_file,
-                        "--dim", dim, "--precision", precision)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"x 16 dims ({precision}, {quantize.bytes_per_vector(precision, dim)} bytes each)" in result.stdout
-    stored = read_embeddings(index_file)
+    embed.main(["--model", export, "--images", str(photo_folder), "--output", str(index_file), "--dim", str(dim),
+                "--precision", precision, "--device", "cpu"])
+    assert f"x 16 dims ({precision}, {quantize.bytes_per_vector(precision, dim)} bytes each)" in capsys.readouterr().out
+    stored = embed.read_embeddings(index_file)
     queries = ["a photo of a sandal.", "a photo of a trouser.", "a bag."]
     hits = tmp_path / "hits.json"
-    result = run_module("mrl_clip.search", "--index", index_file, *[a for q in queries for a in ("--text", q)],
-                        "--k", 5, "--output", hits)
-    assert result.returncode == 0, result.stderr[-3000:]
+    search.main(["--index", str(index_file), *[a for q in queries for a in ("--text", q)], "--k", "5",
+                 "--output", str(hits), "--device", "cpu"])
     found = json.loads(hits.read_text())["queries"]
     ids = np.array([[h["id"] for h in q["results"]] for q in found])
     scores = np.array([[h["score"] for h in q["results"]] for q in found])
