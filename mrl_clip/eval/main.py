@@ -7,17 +7,31 @@
 Every image and text is encoded once at full width; each dim is a slice of those features, re-normalised.
 `--data` is a folder in CLIP_benchmark's WebDataset layout. Output: a table (dims as rows, a column block per
 model), JSON {"task", "models": {label: {"dims", "metrics": {"<dim>": {...}}}}} and a plot of each metric.
+
+zeroshot and retrieval take --embedding-precision float32,float16,int8,binary: each precision other than float32
+adds the same metrics at every dim with the stored side quantised (mrl_clip.quantize: the images for zero-shot,
+the searched side for retrieval; int8 calibrated on that side, scored float query . decoded vector; binary as
+sign bits and Hamming distance), in the JSON as "quantized": {"int8": {"<dim>": {..., "bytes_per_vector"}}}
+beside "metrics", a table per precision, and a second plot (PLOT_precision.png) against bytes per vector.
 """
 import argparse
 from pathlib import Path
 
 import torch
 
-from .. import models
+from .. import models, quantize
 from ..dims import check_dims, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import write_json
-from .report import default_dims, format_table, plot_metrics, render_table
+from .report import (
+    default_dims,
+    format_quantized_tables,
+    format_table,
+    plot_metrics,
+    plot_precisions,
+    precision_plot_path,
+    render_table,
+)
 
 ZEROSHOT_METRICS = ["acc1", "acc5", "mean_per_class_recall"]
 PROBE_METRICS = ["lp_acc1", "lp_acc5"]
@@ -45,9 +59,13 @@ def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m mrl_clip.eval", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
-    add_common(tasks.add_parser("zeroshot", help="zero-shot classification accuracy at each dim"))
+    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification accuracy at each dim")
     retrieval = tasks.add_parser("retrieval", help="image-text retrieval recall@K at each dim")
-    add_common(retrieval)
+    for sub in (zeroshot, retrieval):
+        add_common(sub)
+        sub.add_argument("--embedding-precision", default="float32", metavar="P,...",
+                         help="also score each dim with the stored side at these precisions: any of "
+                              f"{', '.join(quantize.PRECISIONS)} (see mrl_clip.quantize)")
     retrieval.add_argument("--recall-k", default="1,5,10")
     retrieval.add_argument("--funnel", default=None, metavar="DIM:K,...",
                            help="also search through a funnel, e.g. 32:400,768:10 (stage 1 finds K candidates at "
@@ -66,6 +84,8 @@ def parse_args(argv=None):
             sub.add_argument("--source", choices=["zeroshot", "mrl", "mrl-e"], default="zeroshot",
                              help="zero-shot logits, or an MRL / MRL-E probe's")
     args = parser.parse_args(argv)
+    if args.task in ("zeroshot", "retrieval"):
+        args.precisions = [p for p in quantize.parse_precisions(args.embedding_precision) if p != "float32"]
     if len(args.compare_pretrained) not in (0, len(args.compare)):
         raise UserError("give --compare-pretrained once for each --compare, or not at all")
     return args
@@ -95,26 +115,41 @@ def dims_for(name: str, requested) -> list:
     return check_dims(requested, width) if requested else default_dims(width)
 
 
-def run_zeroshot(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256, workers=0):
-    """{"dims": [...], "metrics": {"<dim>": {...}}} for one model."""
-    from .zeroshot import evaluate_zeroshot, load_classification_folder
+def by_dim(metrics: dict) -> dict:
+    return {str(m): v for m, v in metrics.items()}
+
+
+def run_zeroshot(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256, workers=0,
+                 precisions=()):
+    """{"dims": [...], "metrics": {"<dim>": {...}}} for one model, and with precisions other than float32
+    "quantized": {precision: {"<dim>": {...metrics, "bytes_per_vector"}}}."""
+    from .zeroshot import (
+        encode_classification,
+        load_classification_folder,
+        quantized_zeroshot_metrics,
+        zeroshot_metrics,
+    )
 
     dims = dims_for(model_name, dims)
     model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device)
     dataset = load_classification_folder(data, preprocess, split)
-    metrics = evaluate_zeroshot(model, tokenizer, dataset, dims, device, batch_size, workers)
-    return {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
+    features = encode_classification(model, tokenizer, dataset, dims, device, batch_size, workers)
+    result = {"dims": dims, "metrics": by_dim(zeroshot_metrics(*features, dims))}
+    if precisions:
+        result["quantized"] = {p: by_dim(quantized_zeroshot_metrics(*features, dims, p)) for p in precisions}
+    return result
 
 
 def run_retrieval(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256,
-                  recall_k=(1, 5, 10), funnel=None):
-    """{"dims", "metrics"} and, with a funnel spec, "funnel": the same recall@K through funnel search and exact
-    full-width search, with ms per query of each."""
+                  recall_k=(1, 5, 10), funnel=None, precisions=()):
+    """{"dims", "metrics"}; with a funnel spec, "funnel": the same recall@K through funnel search and exact
+    full-width search, with ms per query of each; with precisions other than float32, "quantized" as zero-shot's."""
     from ..search.index import format_funnel, parse_funnel
     from .zeroshot_retrieval import (
         encode_pairs,
         funnel_retrieval_metrics,
         load_retrieval_folder,
+        quantized_retrieval_metrics,
         retrieval_metrics,
     )
 
@@ -125,7 +160,10 @@ def run_retrieval(model_name, pretrained, data, dims=None, split="test", device=
     images, texts, index = encode_pairs(model, tokenizer, load_retrieval_folder(data, preprocess, split), device,
                                         batch_size)
     metrics = retrieval_metrics(images, texts, index, dims, recall_k)
-    result = {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
+    result = {"dims": dims, "metrics": by_dim(metrics)}
+    if precisions:
+        result["quantized"] = {p: by_dim(quantized_retrieval_metrics(images, texts, index, dims, p, recall_k))
+                               for p in precisions}
     if stages:
         result["funnel"] = {"stages": format_funnel(stages),
                             **funnel_retrieval_metrics(images, texts, index, stages, recall_k)}
@@ -259,7 +297,7 @@ def main(argv=None):
     if args.task == "zeroshot":
         for label, name, ckpt in entries:
             results[label] = run_zeroshot(name, ckpt, args.data, requested, args.split, args.device,
-                                          args.batch_size, args.workers)
+                                          args.batch_size, args.workers, args.precisions)
         metric_names = ZEROSHOT_METRICS
     elif args.task == "retrieval":
         recall_k = parse_int_list(args.recall_k, "--recall-k")
@@ -267,7 +305,7 @@ def main(argv=None):
             raise UserError("--recall-k must be positive integers")
         for label, name, ckpt in entries:
             results[label] = run_retrieval(name, ckpt, args.data, requested, args.split, args.device,
-                                           args.batch_size, recall_k, args.funnel)
+                                           args.batch_size, recall_k, args.funnel, args.precisions)
         metric_names = [f"{side}_retrieval_recall@{k}" for k in recall_k for side in ("image", "text")]
     elif args.task == "linear-probe":
         kinds = [k.strip() for k in args.probes.split(",") if k.strip()]
@@ -289,6 +327,8 @@ def main(argv=None):
         return 0
 
     print(format_table(results, metric_names))
+    if any("quantized" in result for result in results.values()):
+        print("\n" + format_quantized_tables(results, metric_names))
     for label, result in results.items():
         if "funnel" in result:
             print("\n" + format_funnel_table(label, result["funnel"], metric_names))
@@ -298,7 +338,12 @@ def main(argv=None):
             # the single-model fields of earlier versions, so their readers keep working
             first = next(iter(results.values()))
             report.update(model=entries[0][1], pretrained=entries[0][2], dims=first["dims"], metrics=first["metrics"])
+            if "quantized" in first:
+                report["quantized"] = first["quantized"]
         write_json(report, args.output)
     if args.plot:
         plot_metrics(results, metric_names, args.plot, title=f"{args.task}: metric vs embedding dim")
+        if any("quantized" in result for result in results.values()):
+            plot_precisions(results, metric_names, precision_plot_path(args.plot),
+                            title=f"{args.task}: metric vs bytes per vector, one line per precision")
     return 0

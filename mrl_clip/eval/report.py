@@ -77,3 +77,61 @@ def plot_metrics(models: dict, metrics: list, path, title: str = "") -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def precision_entries(entry: dict) -> dict:
+    """{precision: {"<dim>": metrics with "bytes_per_vector"}} with float32 first (its bytes: 4 per dim)."""
+    float32 = {str(d): {**(entry["metrics"].get(str(d)) or entry["metrics"][d]), "bytes_per_vector": 4 * int(d)}
+               for d in entry["dims"]}
+    return {"float32": float32, **entry.get("quantized", {})}
+
+
+def format_quantized_tables(models: dict, metric_names: list) -> str:
+    """A table per model and precision: dims as rows, bytes per vector and the metrics (in %) as columns."""
+    blocks = []
+    for label, entry in models.items():
+        for precision, by_dim in precision_entries(entry).items():
+            rows = [[str(d), str(by_dim[str(d)]["bytes_per_vector"])]
+                    + [f"{100 * by_dim[str(d)][name]:.2f}" for name in metric_names] for d in entry["dims"]]
+            title = f"== {label}, {precision}" if len(models) > 1 else f"== {precision}"
+            blocks.append(f"{title}\n" + render_table(["dim", "bytes"] + metric_names, rows))
+    return "\n\n".join(blocks)
+
+
+def precision_plot_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}_precision{path.suffix or '.png'}")
+
+
+def plot_precisions(models: dict, metrics: list, path, title: str = "") -> None:
+    """One panel per metric against bytes per vector (log2 axis), a line per model and precision through its dims:
+    which precision and dim to store for a given byte budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"float32": "o", "float16": "s", "int8": "^", "binary": "D"}
+    cols = min(3, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for label, entry in models.items():
+            for precision, by_dim in precision_entries(entry).items():
+                points = [by_dim[str(d)] for d in entry["dims"]]
+                name = precision if len(models) == 1 else f"{label} {precision}"
+                ax.plot([p["bytes_per_vector"] for p in points], [100 * p[metric] for p in points],
+                        marker=markers.get(precision, "o"), label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bytes per vector (points: the dims, smallest first)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

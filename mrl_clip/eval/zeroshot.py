@@ -7,6 +7,7 @@ difference is that each dim m slices the full-width features first and re-normal
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from clip_benchmark.metrics.zeroshot_classification import accuracy
@@ -14,6 +15,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .. import quantize
 from ..errors import UserError
 
 
@@ -88,22 +90,42 @@ def top1_top5(logits, labels) -> tuple:
     return acc1, float("nan")
 
 
+def classification_metrics(logits, labels) -> dict:
+    acc1, acc5 = top1_top5(logits, labels)
+    recall = balanced_accuracy_score(labels.numpy(), logits.argmax(dim=1).numpy())
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(recall)}
+
+
 def zeroshot_metrics(image_features, labels, prompt_features, dims) -> dict:
     """{dim: {"acc1", "acc5", "mean_per_class_recall"}} from one full-width encoding."""
+    return {m: classification_metrics(zeroshot_logits(image_features, prompt_features, m), labels) for m in dims}
+
+
+def quantized_zeroshot_metrics(image_features, labels, prompt_features, dims, precision) -> dict:
+    """The same metrics with the images stored at `precision` (mrl_clip.quantize): the images are the database
+    (int8 calibrated on them), each class's classifier the query; binary ties go to the lower class index."""
     results = {}
     for m in dims:
-        logits = zeroshot_logits(image_features, prompt_features, m)
-        acc1, acc5 = top1_top5(logits, labels)
-        recall = balanced_accuracy_score(labels.numpy(), logits.argmax(dim=1).numpy())
-        results[m] = {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": float(recall)}
+        images = quantize.normalized_prefix(image_features.numpy(), m)
+        classifier = classifier_at(prompt_features, m).numpy()
+        scores = quantize.similarity(classifier, images, precision).T          # [images, classes]
+        scores = quantize.ranking_scores(np.ascontiguousarray(scores), precision)
+        results[m] = {**classification_metrics(torch.from_numpy(scores), labels),
+                      "bytes_per_vector": quantize.bytes_per_vector(precision, m)}
     return results
 
 
-def evaluate_zeroshot(model, tokenizer, data: ClassificationSet, dims, device="cpu", batch_size=256, workers=0):
+def encode_classification(model, tokenizer, data: ClassificationSet, dims, device="cpu", batch_size=256,
+                          workers=0) -> tuple:
+    """Full-width image features, labels and prompt features, once for every dim."""
     model.eval()
     image_features, labels = encode_images(model, data.dataset, device, batch_size, workers)
     prompt_features = encode_class_prompts(model, tokenizer, data.classnames, data.templates, device)
     width = image_features.shape[1]
     if max(dims) > width:
         raise UserError(f"--dims {list(dims)} go above the model's embedding width {width}")
-    return zeroshot_metrics(image_features, labels, prompt_features, dims)
+    return image_features, labels, prompt_features
+
+
+def evaluate_zeroshot(model, tokenizer, data: ClassificationSet, dims, device="cpu", batch_size=256, workers=0):
+    return zeroshot_metrics(*encode_classification(model, tokenizer, data, dims, device, batch_size, workers), dims)

@@ -13,6 +13,7 @@ from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .. import quantize
 from ..errors import UserError
 from .zeroshot import check_wds_folder
 
@@ -50,21 +51,51 @@ def encode_pairs(model, tokenizer, dataset, device="cpu", batch_size=256):
     return torch.cat(images), torch.cat(texts), torch.tensor(text_image_index)
 
 
+def positives_of(text_image_index, n_images) -> torch.Tensor:
+    """[texts, images] bool: each text's own image."""
+    positives = torch.zeros(len(text_image_index), n_images, dtype=torch.bool)
+    positives[torch.arange(len(text_image_index)), text_image_index] = True
+    return positives
+
+
+def recall_metrics(image_scores, text_scores, positives, recall_k, batch_size=256) -> dict:
+    """CLIP_benchmark's recall@K both ways: image_scores [texts, images] rank images for each text query,
+    text_scores [images, texts] texts for each image query."""
+    metrics = {}
+    for k in recall_k:
+        metrics[f"image_retrieval_recall@{k}"] = (
+            batchify(recall_at_k, image_scores, positives, batch_size, "cpu", k=k) > 0).float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = (
+            batchify(recall_at_k, text_scores, positives.T, batch_size, "cpu", k=k) > 0).float().mean().item()
+    return metrics
+
+
 def retrieval_metrics(image_features, text_features, text_image_index, dims, recall_k=(1, 5, 10),
                       batch_size=256) -> dict:
     """{dim: {"image_retrieval_recall@K", "text_retrieval_recall@K"}}, CLIP_benchmark's definitions."""
+    positives = positives_of(text_image_index, len(image_features))
     results = {}
     for m in dims:
         scores = F.normalize(text_features[:, :m], dim=-1) @ F.normalize(image_features[:, :m], dim=-1).T
-        positives = torch.zeros_like(scores, dtype=torch.bool)
-        positives[torch.arange(len(scores)), text_image_index] = True
-        metrics = {}
-        for k in recall_k:
-            metrics[f"image_retrieval_recall@{k}"] = (
-                batchify(recall_at_k, scores, positives, batch_size, "cpu", k=k) > 0).float().mean().item()
-            metrics[f"text_retrieval_recall@{k}"] = (
-                batchify(recall_at_k, scores.T, positives.T, batch_size, "cpu", k=k) > 0).float().mean().item()
-        results[m] = metrics
+        results[m] = recall_metrics(scores, scores.T, positives, recall_k, batch_size)
+    return results
+
+
+def quantized_retrieval_metrics(image_features, text_features, text_image_index, dims, precision,
+                                recall_k=(1, 5, 10), batch_size=256) -> dict:
+    """The same recall@K with the searched side stored at `precision` (mrl_clip.quantize): text queries search
+    the images (int8 calibrated on the images), image queries search the texts (calibrated on the texts); binary
+    ties go to the lower item index."""
+    positives = positives_of(text_image_index, len(image_features))
+    results = {}
+    for m in dims:
+        images = quantize.normalized_prefix(image_features.numpy(), m)
+        texts = quantize.normalized_prefix(text_features.numpy(), m)
+        image_scores = quantize.ranking_scores(quantize.similarity(texts, images, precision), precision)
+        text_scores = quantize.ranking_scores(quantize.similarity(images, texts, precision), precision)
+        results[m] = {**recall_metrics(torch.from_numpy(image_scores), torch.from_numpy(text_scores), positives,
+                                       recall_k, batch_size),
+                      "bytes_per_vector": quantize.bytes_per_vector(precision, m)}
     return results
 
 

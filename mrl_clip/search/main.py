@@ -8,6 +8,11 @@ Queries are texts (--text), images (--image), or every row of another embeddings
 images are encoded with the model recorded in the index file (or --model / --pretrained). Results are ranked by
 the cosine similarity of the dim-prefixes (slice, then re-normalise); --funnel shortlists at a small dim and
 re-ranks at larger ones (see mrl_clip.search.index), returning its final K per query.
+
+Files written with `mrl_clip.embed --dim M --precision P` hold M-d prefixes: queries are encoded at full width,
+sliced to M and re-normalised. float32/float16 prefixes search as above (any --dim up to M); int8 codes are
+searched with the float query against the decoded codes (faiss IndexScalarQuantizer, inner product) and binary
+ones by the Hamming distance of the query's sign bits (faiss IndexBinaryFlat; score M - 2 x Hamming), at M only.
 """
 import argparse
 import time
@@ -16,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import quantize
 from ..errors import ArgumentParser, UserError
 from ..files import write_json
-from .embed import embed_images, embed_texts, load_embeddings
-from .index import EmbeddingIndex, format_funnel, parse_funnel
+from .embed import embed_images, embed_texts, read_embeddings
+from .index import EmbeddingIndex, SearchResult, format_funnel, parse_funnel
 
 
 def parse_args(argv=None):
@@ -46,7 +52,7 @@ def parse_args(argv=None):
 
 
 def encode_queries(args, meta) -> tuple:
-    """(query embeddings [queries, width], query labels)."""
+    """(query embeddings [queries, width or a --queries file's dim], query labels)."""
     vectors, labels = [], []
     if args.text or args.image:
         from .. import models
@@ -66,31 +72,60 @@ def encode_queries(args, meta) -> tuple:
                 raise UserError(f"--image file not found: {missing[0]}")
             vectors.append(embed_images(model, preprocess, args.image, args.device).numpy())
             labels += args.image
+        if vectors[0].shape[1] != meta.get("width", vectors[0].shape[1]):
+            raise UserError(f"{name} embeds {vectors[0].shape[1]}-d vectors, the index was written from a "
+                            f"{meta['width']}-d model")
     if args.queries:
-        embeddings, items, _ = load_embeddings(args.queries)
-        vectors.append(np.asarray(embeddings, dtype=np.float32))
-        labels += items
-    return np.concatenate(vectors), labels
+        stored = read_embeddings(args.queries)
+        if stored.precision not in ("float32", "float16"):
+            raise UserError(f"--queries {args.queries} holds {stored.precision} codes: queries must be float")
+        if stored.width != meta.get("width", stored.width):
+            raise UserError(f"--queries {args.queries} comes from a {stored.width}-d model, the index from a "
+                            f"{meta['width']}-d one")
+        vectors.append(np.asarray(stored.codes, dtype=np.float32))
+        labels += stored.items
+    width = min(v.shape[1] for v in vectors)
+    return np.concatenate([v[:, :width] for v in vectors]), labels
+
+
+def search_codes(args, stored, queries) -> tuple:
+    """(SearchResult, k, how) over an int8 or binary file, at its dim."""
+    if args.funnel:
+        raise UserError(f"--funnel needs float embeddings; {args.index} holds {stored.precision} codes")
+    if args.dim not in (None, stored.dim):
+        raise UserError(f"--dim {args.dim}: {args.index} holds {stored.precision} codes of the {stored.dim}-d "
+                        f"prefix, searchable at {stored.dim} only")
+    k = args.k or 10
+    scores, ids = quantize.search(quantize.normalized_prefix(queries, stored.dim), stored.codes, stored.precision,
+                                  stored.dim, k, stored.ranges)
+    return SearchResult(scores, ids), k, f"exact at dim {stored.dim}, {stored.precision}"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    embeddings, items, meta = load_embeddings(args.index)
-    width = embeddings.shape[1]
-    stages = parse_funnel(args.funnel, width, args.k) if args.funnel else None
+    stored = read_embeddings(args.index)
+    items, width = stored.items, stored.dim
+    quantized = stored.precision in ("int8", "binary")
+    stages = parse_funnel(args.funnel, width, args.k) if args.funnel and not quantized else None
     if args.dim is not None and not 1 <= args.dim <= width:
         raise UserError(f"--dim {args.dim} is outside 1..{width} (the width of {args.index})")
-    queries, labels = encode_queries(args, meta)
-    if queries.shape[1] != width:
+    queries, labels = encode_queries(args, stored.meta)
+    if queries.shape[1] < width:
         raise UserError(f"the queries are {queries.shape[1]}-d but {args.index} holds {width}-d embeddings")
-    index = EmbeddingIndex(embeddings, str(embeddings.dtype))
+    index = None if quantized else EmbeddingIndex(stored.codes, str(stored.codes.dtype))
     started = time.perf_counter()
-    if stages:
-        result = index.funnel_search(queries, stages)
-        k = args.k or stages[-1].k
+    if quantized:
+        result, k, how = search_codes(args, stored, queries)
     else:
-        k = args.k or 10
-        result = index.search(queries, k, args.dim)
+        # a prefix file: the queries' dim-prefix, re-normalised by the index as it normalises what it is given
+        queries = queries[:, :width]
+        if stages:
+            result = index.funnel_search(queries, stages)
+            k = args.k or stages[-1].k
+        else:
+            k = args.k or 10
+            result = index.search(queries, k, args.dim)
+        how = f"funnel {format_funnel(stages)}" if stages else f"exact at dim {args.dim or width}"
     seconds = time.perf_counter() - started
     hits = []
     for label, scores, ids in zip(labels, result.scores, result.ids):
@@ -100,7 +135,6 @@ def main(argv=None):
         print(f"query: {label}")
         for hit in hits[-1]["results"]:
             print(f"  {hit['rank']:3d}  {hit['score']:.4f}  {hit['item']}")
-    how = f"funnel {format_funnel(stages)}" if stages else f"exact at dim {args.dim or width}"
     print(f"{len(labels)} queries, {how}, over {len(items)} items: {1000 * seconds / len(labels):.3f} ms/query")
     if args.output:
         write_json({"index": args.index, "search": how, "k": k, "ms_per_query": 1000 * seconds / len(labels),
