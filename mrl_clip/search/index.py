@@ -241,12 +241,8 @@ class EmbeddingIndex:
         if (precision, dim) not in self.codes:
             self.codes[(precision, dim)] = PrefixCodes(self.vectors, dim, precision)
         codes = self.codes[(precision, dim)]
-
-        def score(rows, q_block):
-            return np.matmul(codes.decode(codes.codes[rows]), q_block[:, :, None])[..., 0]
-
         block = max(1, min(64, 2 ** 22 // (candidates.shape[1] * dim)))   # decoded candidates: <= 16 MiB a block
-        return gathered_rerank(score, codes.query(np.asarray(queries)), candidates, k, block)
+        return gathered_rerank(codes.scores, codes.query(np.asarray(queries)), candidates, k, block)
 
     def funnel_search(self, queries, stages: list, hnsw_ef: int | None = None) -> SearchResult:
         """Stage 1 searches all rows at stages[0].dim and precision (flat, or HNSW with hnsw_ef) for

@@ -103,7 +103,8 @@ def stage1_search(index, queries: np.ndarray, dim: int, precision: str, k: int, 
 
 class PrefixCodes:
     """Codes of every row at (dim, precision) for re-ranking a shortlist: the candidates' codes are gathered and
-    decoded (faiss ScalarQuantizer.decode; sign bits to +-1), then scored against the query."""
+    scored against the query's (binary: Hamming by XOR and popcount) or decoded (faiss ScalarQuantizer.decode)
+    and scored against the float query."""
 
     def __init__(self, vectors, dim: int, precision: str):
         self.dim, self.precision = dim, precision
@@ -117,19 +118,17 @@ class PrefixCodes:
         self.codes = np.concatenate([self.quantizer.compute_codes(normalized_prefix(block, dim))
                                      for block in chunks(vectors, dim)])
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        flat = codes.reshape(-1, codes.shape[-1])
-        if self.precision == "binary":
-            decoded = np.unpackbits(flat, axis=1).astype(np.float32) * 2 - 1
-        else:
-            decoded = self.quantizer.decode(np.ascontiguousarray(flat))
-        return decoded.reshape(*codes.shape[:-1], self.dim)
-
     def query(self, queries: np.ndarray) -> np.ndarray:
-        """What a query is scored as: its +-1 signs over dim (binary: the score is then 1 - 2h/dim) or its
-        re-normalised float32 prefix."""
+        """What a query is scored as: its packed sign bits, or its re-normalised float32 prefix."""
         from .index import normalized_prefix
 
+        return sign_codes(queries, self.dim) if self.precision == "binary" else normalized_prefix(queries, self.dim)
+
+    def scores(self, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """[block, candidates] scores of rows[q] against self.query(...)[q]: binary 1 - 2h/dim, else the inner
+        product with the decoded codes."""
         if self.precision == "binary":
-            return np.where(np.asarray(queries[:, :self.dim]) > 0, 1.0, -1.0).astype(np.float32) / self.dim
-        return normalized_prefix(queries, self.dim)
+            distances = np.bitwise_count(self.codes[rows] ^ queries[:, None, :]).sum(-1, dtype=np.int32)
+            return 1 - 2 * distances.astype(np.float32) / self.dim
+        decoded = self.quantizer.decode(np.ascontiguousarray(self.codes[rows].reshape(-1, self.codes.shape[1])))
+        return np.matmul(decoded.reshape(*rows.shape, self.dim), queries[:, :, None])[..., 0]
