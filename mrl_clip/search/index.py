@@ -151,6 +151,9 @@ class EmbeddingIndex:
         `hnsw` links per node. A flat float32 stage 1 needs none (it searches prefix(dim))."""
         self.check_dim(dim)
         check_precision(precision, dim, "stage 1")
+        if precision == "float32" and not hnsw:
+            self.prefix(dim)
+            return None
         index = build_stage1(self.vectors, dim, precision, hnsw, ef_construction)
         (self.graphs if hnsw else self.coded)[(precision, dim)] = index
         return index

@@ -48,12 +48,13 @@ def prefix_transform(width: int, dim: int, sub_index) -> faiss.IndexPreTransform
 
 
 def new_stage1(width: int, dim: int, precision: str, hnsw: int = 0):
-    """An empty faiss index for a stage 1 at dim and precision: flat (hnsw=0) or an HNSW graph with hnsw links."""
+    """An empty faiss index for a stage 1 at dim and precision: flat (hnsw=0; not for float32) or an HNSW graph
+    with hnsw links."""
     ip = faiss.METRIC_INNER_PRODUCT
     if precision == "binary":
         return faiss.IndexBinaryHNSW(dim, hnsw) if hnsw else faiss.IndexBinaryFlat(dim)
-    if precision == "float32":
-        sub = faiss.IndexHNSWFlat(dim, hnsw, ip) if hnsw else faiss.IndexFlatIP(dim)
+    if precision == "float32":   # flat float32 needs no index: mrl_clip.search.index searches the prefixes
+        sub = faiss.IndexHNSWFlat(dim, hnsw, ip)
     elif hnsw:
         sub = faiss.IndexHNSWSQ(dim, SQ_TYPES[precision], hnsw, ip)
     else:

@@ -60,8 +60,6 @@ def parse_stage1(text: str, width: int | None = None, flag: str = "--stage1") ->
 
 def build_index(index: EmbeddingIndex, spec: Stage1Spec):
     """The stage-1 faiss index of spec over index's rows (None for flat float32: that is the prefix itself)."""
-    if spec.precision == "float32" and not spec.hnsw:
-        return None
     return index.build_stage1(spec.dim, spec.precision, spec.hnsw, spec.ef_construction)
 
 
