@@ -96,6 +96,19 @@ SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "MASTER_
              "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
 
 
+def damaged_index_file(tmp):
+    """An index file (mrl_clip.index build) with one byte of its stored embeddings flipped."""
+    from mrl_clip.search import build
+    from mrl_clip.search.embed import save_embeddings
+
+    save_embeddings(tmp / "emb.npz", torch.randn(50, 16), [f"i{i}" for i in range(50)], {"kind": "texts"})
+    build.main(["build", "--embeddings", str(tmp / "emb.npz"), "--stage1", "binary@16", "--out", str(tmp / "x.index")])
+    data = bytearray((tmp / "x.index").read_bytes())
+    data[-300] ^= 0xFF
+    (tmp / "x.index").write_bytes(bytes(data))
+    return str(tmp / "x.index")
+
+
 def bad_inputs(data, tmp):
     train = ["mrl_clip.train", "--model", TINY, "--train-data", data["train"], "--logs", tmp]
     zeroshot = ["mrl_clip.eval", "zeroshot", "--model", TINY, "--data", data["eval"]]
@@ -192,6 +205,14 @@ def bad_inputs(data, tmp):
             lambda: zeroshot + ["--pretrained", siglip_tiny_checkpoint(tmp)], "holds a logit_bias"),
         ("siglip unknown exchange", train + ["--dims", "256", "--siglip", "--loss-dist-impl", "ring"],
                                     "invalid choice"),
+        ("funnel precision drops", ["mrl_clip.eval", "retrieval", "--model", TINY, "--data", data["eval"],
+                                    "--funnel", "int8@32:100,binary@256:10"], "precision must not drop"),
+        ("funnel unknown precision", ["mrl_clip.eval", "retrieval", "--model", TINY, "--data", data["eval"],
+                                      "--funnel", "int4@32:100,256:10"], "unknown precision 'int4'"),
+        ("index file corrupt", lambda: ["mrl_clip.index", "info", damaged_index_file(tmp)], "fails its checksum"),
+        ("index stage 1 unknown precision",
+            ["mrl_clip.index", "build", "--embeddings", tmp / "none.npz", "--stage1", "hnsw32-int2@32",
+             "--out", tmp / "x.index"], "unknown precision 'int2'"),
         ("csv empty caption",
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.csv", "image,caption\nimg.png,  \n")], "pairs.csv:2: empty caption"),
@@ -204,7 +225,7 @@ CASES = [name for name, _, _ in bad_inputs({"train": "T", "eval": "E"}, Path("/n
 # Modules whose main() the table calls in-process through run_cli, exactly what `python -m MODULE` runs (a
 # subprocess per row would cost ~5 s of imports each); test_python_m_wiring checks each such `python -m` once.
 IN_PROCESS = {"mrl_clip.train": "mrl_clip.train.main", "mrl_clip.eval": "mrl_clip.eval.main",
-              "pipelines.captions_to_shards": "pipelines.captions_to_shards"}
+              "pipelines.captions_to_shards": "pipelines.captions_to_shards", "mrl_clip.index": "mrl_clip.search.build"}
 
 
 def run_row(args, capfd):

@@ -144,13 +144,16 @@ def test_bad_funnel_specs_are_user_errors(text, message):
     ("32:10,256:10", "counts must decrease"),
     ("32:400,512:10", "above the embedding width 256"),
     ("32:400,256:5", "fewer than the 10 asked for"),
+    ("32:400,256:10 --stage1 hnsw32@64", "is not the funnel's first stage"),
+    ("binary@64:400,256:10 --stage1 hnsw32@64", r"binary@64:400\)"),
+    ("32:400,256:10 --stage1 int3@32", "unknown precision 'int3'"),
 ])
 def test_eval_retrieval_bad_funnel_is_a_user_error(fmnist_data, funnel, message):
     from mrl_clip.eval import main as mrl_eval
 
     with pytest.raises(UserError, match=message):
-        mrl_eval.main(["retrieval", "--model", TINY, "--data", str(fmnist_data["captions"]), "--funnel", funnel,
-                       "--recall-k", "1,10"])
+        mrl_eval.main(["retrieval", "--model", TINY, "--data", str(fmnist_data["captions"]), "--funnel",
+                       *funnel.split(), "--recall-k", "1,10"])
 
 
 def test_eval_retrieval_bad_funnel_is_one_line(fmnist_data):
@@ -195,6 +198,21 @@ def test_eval_retrieval_funnel_at_full_width_equals_exact_eval(trained_run, uniq
         assert entry["funnel"][kind]["metrics"] == pytest.approx(dense, abs=1e-9)
         assert all(ms > 0 for ms in entry["funnel"][kind]["ms_per_query"].values())
     assert "funnel 256:60,256:10" in result.stdout and "ms/query" in result.stdout
+
+
+def test_eval_retrieval_binary_stage_one_covering_everything_equals_exact_eval(trained_run, unique_caption_folder,
+                                                                              tmp_path):
+    """A binary HNSW stage 1 whose shortlist holds every item (240 >= the 120 images and 240 captions), re-ranked
+    at full width, is exact search: the same recall@K as CLIP_benchmark's on the full score matrix."""
+    from mrl_clip.eval import main as mrl_eval
+
+    out = tmp_path / "retrieval.json"
+    assert mrl_eval.main(["retrieval", "--model", f"local-dir:{trained_run['export']}", "--data",
+                          str(unique_caption_folder), "--dims", "256", "--funnel", "binary@256:240,256:10",
+                          "--stage1", "hnsw16-binary@256", "--output", str(out)]) == 0
+    entry = json.loads(out.read_text())["models"]["export"]
+    assert entry["funnel"]["stages"] == "binary@256:240,256:10" and entry["funnel"]["stage1"] == "hnsw16-binary@256"
+    assert entry["funnel"]["funnel"]["metrics"] == pytest.approx(entry["metrics"]["256"], abs=1e-9)
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,12 @@ def parse_args(argv=None):
     retrieval.add_argument("--recall-k", default="1,5,10")
     retrieval.add_argument("--funnel", default=None, metavar="DIM:K,...",
                            help="also search through a funnel, e.g. 32:400,768:10 (stage 1 finds K candidates at "
-                                "DIM, later stages re-rank them at larger dims), against exact full-width search")
+                                "DIM, later stages re-rank them at larger dims), against exact full-width search; "
+                                "a stage may name a precision: binary@256:2000,768:10")
+    retrieval.add_argument("--stage1", default=None, metavar="SPEC",
+                           help="search the funnel's stage 1 through an index structure built as mrl_clip.index "
+                                "build builds it (e.g. hnsw32@32, hnsw32-binary@256; its dim and precision must be "
+                                "the funnel's first stage's; HNSW efSearch = the stage's K)")
     for name, help_text in (("linear-probe", "linear probes through MRL / MRL-E heads and per-dim baselines"),
                             ("cascade", "adaptive classification: smallest confident dim answers")):
         sub = tasks.add_parser(name, help=help_text)
@@ -141,10 +146,11 @@ def run_zeroshot(model_name, pretrained, data, dims=None, split="test", device="
 
 
 def run_retrieval(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256,
-                  recall_k=(1, 5, 10), funnel=None, precisions=()):
+                  recall_k=(1, 5, 10), funnel=None, precisions=(), stage1=None):
     """{"dims", "metrics"}; with a funnel spec, "funnel": the same recall@K through funnel search and exact
     full-width search, with ms per query of each; with precisions other than float32, "quantized" as zero-shot's."""
     from ..search.index import format_funnel, parse_funnel
+    from ..search.store import parse_stage1
     from .zeroshot_retrieval import (
         encode_pairs,
         funnel_retrieval_metrics,
@@ -155,6 +161,11 @@ def run_retrieval(model_name, pretrained, data, dims=None, split="test", device=
 
     dims = dims_for(model_name, dims)
     stages = parse_funnel(funnel, models.embed_width(model_name), max(recall_k)) if funnel else None
+    spec = parse_stage1(stage1, models.embed_width(model_name)) if stage1 else None
+    if spec and not stages:
+        raise UserError("--stage1 needs --funnel")
+    if spec and (spec.dim, spec.precision) != (stages[0].dim, stages[0].precision):
+        raise UserError(f"--stage1 {stage1} is not the funnel's first stage ({format_funnel(stages[:1])})")
     model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device)
     model.eval()
     images, texts, index = encode_pairs(model, tokenizer, load_retrieval_folder(data, preprocess, split), device,
@@ -165,8 +176,8 @@ def run_retrieval(model_name, pretrained, data, dims=None, split="test", device=
         result["quantized"] = {p: by_dim(quantized_retrieval_metrics(images, texts, index, dims, p, recall_k))
                                for p in precisions}
     if stages:
-        result["funnel"] = {"stages": format_funnel(stages),
-                            **funnel_retrieval_metrics(images, texts, index, stages, recall_k)}
+        result["funnel"] = {"stages": format_funnel(stages), "stage1": spec.label() if spec else "flat",
+                            **funnel_retrieval_metrics(images, texts, index, stages, recall_k, spec)}
     return result
 
 
@@ -305,7 +316,7 @@ def main(argv=None):
             raise UserError("--recall-k must be positive integers")
         for label, name, ckpt in entries:
             results[label] = run_retrieval(name, ckpt, args.data, requested, args.split, args.device,
-                                           args.batch_size, recall_k, args.funnel, args.precisions)
+                                           args.batch_size, recall_k, args.funnel, args.precisions, args.stage1)
         metric_names = [f"{side}_retrieval_recall@{k}" for k in recall_k for side in ("image", "text")]
     elif args.task == "linear-probe":
         kinds = [k.strip() for k in args.probes.split(",") if k.strip()]

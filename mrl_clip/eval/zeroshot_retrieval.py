@@ -109,12 +109,16 @@ def ranked_scores(result, n_items: int) -> torch.Tensor:
     return scores
 
 
-def searched_recall(search, queries, items, positives, recall_k, name, batch_size=256):
-    """recall@K (CLIP_benchmark's definition) of one side searched through an EmbeddingIndex over `items`, and
-    the search time per query in ms."""
+def searched_recall(search, queries, items, positives, recall_k, name, batch_size=256, stage1=None):
+    """recall@K (CLIP_benchmark's definition) of one side searched through an EmbeddingIndex over `items` (with
+    the stage-1 structure of a mrl_clip.search.store.Stage1Spec, built before the clock starts), and the search
+    time per query in ms."""
     from ..search.index import EmbeddingIndex
+    from ..search.store import build_index
 
     index = EmbeddingIndex(items.numpy())
+    if stage1 is not None:
+        build_index(index, stage1)
     started = time.perf_counter()
     result = search(index, queries.numpy())
     ms = 1000 * (time.perf_counter() - started) / len(queries)
@@ -124,20 +128,24 @@ def searched_recall(search, queries, items, positives, recall_k, name, batch_siz
     return metrics, ms
 
 
-def funnel_retrieval_metrics(image_features, text_features, text_image_index, stages, recall_k=(1, 5, 10)) -> dict:
-    """Retrieval recall@K and ms per query of funnel search (mrl_clip.search.index) and of exact full-width faiss
-    search, both ways: {"funnel": {...}, "exact": {...}} with "metrics" and "ms_per_query" each."""
+def funnel_retrieval_metrics(image_features, text_features, text_image_index, stages, recall_k=(1, 5, 10),
+                             stage1=None) -> dict:
+    """Retrieval recall@K and ms per query of funnel search (mrl_clip.search.index; stage 1 through the stage1
+    spec's structure, HNSW with efSearch = K1) and of exact full-width faiss search, both ways: {"funnel": {...},
+    "exact": {...}} with "metrics" and "ms_per_query" each."""
     positives = torch.zeros(len(text_features), len(image_features), dtype=torch.bool)
     positives[torch.arange(len(text_features)), text_image_index] = True
     final_k = stages[-1].k
-    searches = {"funnel": lambda index, q: index.funnel_search(q, stages),
+    ef = stages[0].k if stage1 is not None and stage1.hnsw else None
+    searches = {"funnel": lambda index, q: index.funnel_search(q, stages, hnsw_ef=ef),
                 "exact": lambda index, q: index.search(q, final_k)}
     out = {}
     for kind, search in searches.items():
+        spec = stage1 if kind == "funnel" else None
         image_side, image_ms = searched_recall(search, text_features, image_features, positives, recall_k,
-                                               "image_retrieval")
+                                               "image_retrieval", stage1=spec)
         text_side, text_ms = searched_recall(search, image_features, text_features, positives.T, recall_k,
-                                             "text_retrieval")
+                                             "text_retrieval", stage1=spec)
         out[kind] = {"metrics": {**image_side, **text_side},
                      "ms_per_query": {"image_retrieval": image_ms, "text_retrieval": text_ms}}
     return out

@@ -3,11 +3,14 @@
     python -m mrl_clip.search --index photos.npz --text "a red dress" --text "a sandal" --k 5
     python -m mrl_clip.search --index photos.npz --image query.png --dim 64
     python -m mrl_clip.search --index photos.npz --queries captions.npz --funnel 32:400,768:10 --output hits.json
+    python -m mrl_clip.search --index photos.index --text "a red dress" --funnel binary@256:2000,768:10
 
 Queries are texts (--text), images (--image), or every row of another embeddings file (--queries); texts and
 images are encoded with the model recorded in the index file (or --model / --pretrained). Results are ranked by
 the cosine similarity of the dim-prefixes (slice, then re-normalise); --funnel shortlists at a small dim and
-re-ranks at larger ones (see mrl_clip.search.index), returning its final K per query.
+re-ranks at larger ones (see mrl_clip.search.index), returning its final K per query. --index also takes an index
+file built once by `python -m mrl_clip.index build`: a funnel whose stage 1 has the file's dim and precision
+searches the file's stage-1 index (an HNSW graph with efSearch = --hnsw-ef, default the stage's K).
 
 Files written with `mrl_clip.embed --dim M --precision P` hold M-d prefixes: queries are encoded at full width,
 sliced to M and re-normalised. float32/float16 prefixes search as above (any --dim up to M); int8 codes are
@@ -26,12 +29,14 @@ from ..errors import ArgumentParser, UserError
 from ..files import write_json
 from .embed import embed_images, embed_texts, read_embeddings
 from .index import EmbeddingIndex, SearchResult, format_funnel, parse_funnel
+from .store import is_index_file, load_index
 
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="python -m mrl_clip.search", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--index", required=True, help="embeddings file written by mrl_clip.embed")
+    p.add_argument("--index", required=True,
+                   help="embeddings file written by mrl_clip.embed, or an index file from mrl_clip.index build")
     p.add_argument("--text", action="append", default=[], help="a text query (repeatable)")
     p.add_argument("--image", action="append", default=[], help="an image file query (repeatable)")
     p.add_argument("--queries", default=None, help="an embeddings file whose rows are the queries")
@@ -40,7 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=None, help="results per query (default 10, or the funnel's last K)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dim", type=int, default=None, help="exact search at this prefix dim (default: full width)")
-    mode.add_argument("--funnel", default=None, metavar="DIM:K,...", help="funnel search, e.g. 32:400,768:10")
+    mode.add_argument("--funnel", default=None, metavar="[PRECISION@]DIM:K,...",
+                      help="funnel search, e.g. 32:400,768:10 or binary@256:2000,768:10")
+    p.add_argument("--hnsw-ef", type=int, default=None,
+                   help="efSearch of an index file's HNSW stage 1 (default: the funnel's first K)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -48,6 +56,8 @@ def parse_args(argv=None):
         raise UserError("give at least one query: --text, --image or --queries")
     if args.k is not None and args.k < 1:
         raise UserError("--k must be at least 1")
+    if args.hnsw_ef is not None and args.hnsw_ef < 1:
+        raise UserError("--hnsw-ef must be at least 1")
     return args
 
 
@@ -101,18 +111,29 @@ def search_codes(args, stored, queries) -> tuple:
     return SearchResult(scores, ids), k, f"exact at dim {stored.dim}, {stored.precision}"
 
 
+def stage1_ef(stages, spec, hnsw_ef):
+    """efSearch for the funnel's stage 1 when the index file's HNSW graph serves it, else None (flat)."""
+    if spec is None or not spec.hnsw or (stages[0].dim, stages[0].precision) != (spec.dim, spec.precision):
+        return None
+    return hnsw_ef or stages[0].k
+
+
 def main(argv=None):
     args = parse_args(argv)
-    stored = read_embeddings(args.index)
-    items, width = stored.items, stored.dim
-    quantized = stored.precision in ("int8", "binary")
+    if is_index_file(args.index):
+        index, items, meta, spec = load_index(args.index)
+        stored, width, quantized = None, index.width, False
+    else:
+        stored, spec = read_embeddings(args.index), None
+        items, meta, width = stored.items, stored.meta, stored.dim
+        quantized = stored.precision in ("int8", "binary")
+        index = None if quantized else EmbeddingIndex(stored.codes, str(stored.codes.dtype))
     stages = parse_funnel(args.funnel, width, args.k) if args.funnel and not quantized else None
     if args.dim is not None and not 1 <= args.dim <= width:
         raise UserError(f"--dim {args.dim} is outside 1..{width} (the width of {args.index})")
-    queries, labels = encode_queries(args, stored.meta)
+    queries, labels = encode_queries(args, meta)
     if queries.shape[1] < width:
         raise UserError(f"the queries are {queries.shape[1]}-d but {args.index} holds {width}-d embeddings")
-    index = None if quantized else EmbeddingIndex(stored.codes, str(stored.codes.dtype))
     started = time.perf_counter()
     if quantized:
         result, k, how = search_codes(args, stored, queries)
@@ -120,12 +141,14 @@ def main(argv=None):
         # a prefix file: the queries' dim-prefix, re-normalised by the index as it normalises what it is given
         queries = queries[:, :width]
         if stages:
-            result = index.funnel_search(queries, stages)
+            result = index.funnel_search(queries, stages, hnsw_ef=stage1_ef(stages, spec, args.hnsw_ef))
             k = args.k or stages[-1].k
         else:
             k = args.k or 10
             result = index.search(queries, k, args.dim)
         how = f"funnel {format_funnel(stages)}" if stages else f"exact at dim {args.dim or width}"
+        if stages and stage1_ef(stages, spec, args.hnsw_ef):
+            how += f" (stage 1: the index file's {spec.label()}, efSearch {stage1_ef(stages, spec, args.hnsw_ef)})"
     seconds = time.perf_counter() - started
     hits = []
     for label, scores, ids in zip(labels, result.scores, result.ids):
