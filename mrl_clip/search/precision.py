@@ -13,16 +13,16 @@ first m dims and whose NormalizationTransform re-normalises them, so the prefix 
 import faiss
 import numpy as np
 
+from .. import quantize
 from ..errors import UserError
 
-PRECISIONS = ("binary", "int8", "float16", "float32")   # rising: a funnel's precision may not drop
+PRECISIONS = tuple(reversed(quantize.PRECISIONS))   # rising: a funnel's precision may not drop
 SQ_TYPES = {"int8": faiss.ScalarQuantizer.QT_8bit, "float16": faiss.ScalarQuantizer.QT_fp16}
 _CHUNK = 65536
 
 
 def check_precision(precision: str, dim: int, flag: str = "--funnel") -> str:
-    if precision not in PRECISIONS:
-        raise UserError(f"{flag}: unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    quantize.check_precision(precision, flag)
     if precision == "binary" and dim % 8:
         raise UserError(f"{flag}: a binary stage needs a dim that is a multiple of 8 (packed bits), got {dim}")
     return precision
