@@ -27,6 +27,7 @@ from .errors import UserError
 
 PRECISIONS = ("float32", "float16", "int8", "binary")
 BYTES_PER_DIM = {"float32": 4, "float16": 2, "int8": 1}
+_CHUNK = 65536  # rows per block when normalising
 INT8_OFFSET = 128  # faiss's codes are 0..255; stored int8 = code - 128, as sentence-transformers' int8
 
 
@@ -49,10 +50,15 @@ def bytes_per_vector(precision: str, dim: int) -> int:
 
 
 def normalized_prefix(x, dim: int) -> np.ndarray:
-    """float32 x[:, :dim] re-normalised (a zero row stays zero)."""
-    block = np.asarray(x[:, :dim], dtype=np.float32)
-    norms = np.linalg.norm(block, axis=1, keepdims=True)
-    return np.divide(block, norms, out=np.zeros_like(block), where=norms > 0)
+    """Contiguous float32 rows x[:, :dim] / ||x[:, :dim]|| (a zero row stays zero), in blocks of rows (x may be a
+    float16 memory map larger than a float32 copy of it)."""
+    out = np.empty((len(x), dim), dtype=np.float32)
+    for start in range(0, len(x), _CHUNK):
+        block = np.asarray(x[start:start + _CHUNK, :dim], dtype=np.float32)
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        np.divide(block, norms, out=out[start:start + _CHUNK], where=norms > 0)
+        out[start:start + _CHUNK][(norms == 0)[:, 0]] = 0
+    return out
 
 
 def calibrate(database: np.ndarray) -> np.ndarray:

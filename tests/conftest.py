@@ -111,3 +111,15 @@ LONGEST_FIRST = ["test_slurm", "test_eval", "test_deepspeed", "test_train", "tes
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """40 Fashion-MNIST test images as PNG files named NNN_class.png: a user's folder of photos to embed."""
+    from PIL import Image
+
+    images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, "test")
+    folder = tmp_path_factory.mktemp("my_photos")
+    for i in range(40):
+        Image.fromarray(images[i]).save(folder / f"{i:03d}_{fashion_mnist.CLASSNAMES[labels[i]]}.png")
+    return folder

@@ -271,19 +271,6 @@ def test_eval_retrieval_cli_reports_each_precision(trained_run, fmnist_data, tmp
     assert (tmp_path / "r_precision.png").stat().st_size > 1000
 
 
-@pytest.fixture(scope="module")
-def photo_folder(tmp_path_factory):
-    from PIL import Image
-
-    from pipelines import fashion_mnist
-
-    images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, "test")
-    folder = tmp_path_factory.mktemp("photos")
-    for i in range(40):
-        Image.fromarray(images[i]).save(folder / f"{i:03d}_{fashion_mnist.CLASSNAMES[labels[i]]}.png")
-    return folder
-
-
 def test_save_embeddings_writes_prefix_codes_and_calibration(tmp_path):
     from mrl_clip.search.embed import load_embeddings, read_embeddings, save_embeddings
 
@@ -316,7 +303,7 @@ def test_save_embeddings_writes_prefix_codes_and_calibration(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["int8", "binary"])
-def test_embed_prefix_codes_then_search(trained_run, photo_folder, tmp_path, precision, capsys):
+def test_embed_prefix_codes_then_search(trained_run, image_folder, tmp_path, precision, capsys):
     """`embed --dim 16 --precision P`, then `search --text` (their main(), in-process; the `python -m` wiring is
     test_cli's): the hits are numpy's brute force over the file's codes (decoded with its ranges, or as sign bits)
     with the query encoded here by open_clip at full width, sliced to 16 and re-normalised."""
@@ -327,7 +314,7 @@ def test_embed_prefix_codes_then_search(trained_run, photo_folder, tmp_path, pre
 
     export, dim = f"local-dir:{trained_run['export']}", 16
     index_file = tmp_path / "photos.npz"
-    embed.main(["--model", export, "--images", str(photo_folder), "--output", str(index_file), "--dim", str(dim),
+    embed.main(["--model", export, "--images", str(image_folder), "--output", str(index_file), "--dim", str(dim),
                 "--precision", precision, "--device", "cpu"])
     assert f"x 16 dims ({precision}, {quantize.bytes_per_vector(precision, dim)} bytes each)" in capsys.readouterr().out
     stored = embed.read_embeddings(index_file)

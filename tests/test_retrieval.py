@@ -215,17 +215,6 @@ def test_eval_retrieval_binary_stage_one_covering_everything_equals_exact_eval(t
     assert entry["funnel"]["funnel"]["metrics"] == pytest.approx(entry["metrics"]["256"], abs=1e-9)
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    from PIL import Image
-
-    images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, "test")
-    folder = tmp_path_factory.mktemp("my_photos")
-    for i in range(40):
-        Image.fromarray(images[i]).save(folder / f"{i:03d}_{fashion_mnist.CLASSNAMES[labels[i]]}.png")
-    return folder
-
-
 def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
     """Images embedded by the CLI, text queries searched by the CLI == float64 brute force over the file with the
     query encoded here by open_clip itself."""

@@ -1,6 +1,8 @@
 """Tables and plots of metrics per nested dim."""
 from pathlib import Path
 
+from ..quantize import bytes_per_vector
+
 
 def default_dims(width: int, smallest: int = 8) -> list[int]:
     dims, m = [], smallest
@@ -46,16 +48,35 @@ def format_side_by_side(models: dict, metric: str) -> str:
     return f"{metric}:\n" + render_table(header, rows)
 
 
-def plot_metrics(models: dict, metrics: list, path, title: str = "") -> None:
-    """One panel per metric against dim (log2 axis), every model on each panel."""
+def metric_panels(count: int):
+    """A figure with `count` panels, three to a row (matplotlib's Agg backend: files only)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(3, len(metrics))
-    rows = (len(metrics) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    cols = min(3, count)
+    rows = (count + cols - 1) // cols
+    return plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+
+
+def save_panels(fig, axes, used: int, path, title: str = "") -> None:
+    """Blank the unused panels, title, write the PNG (making its folder) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_metrics(models: dict, metrics: list, path, title: str = "") -> None:
+    """One panel per metric against dim (log2 axis), every model on each panel."""
+    fig, axes = metric_panels(len(metrics))
     all_dims = sorted({int(d) for entry in models.values() for d in entry["dims"]})
     for ax, metric in zip(axes.flat, metrics):
         for label, entry in models.items():
@@ -69,20 +90,13 @@ def plot_metrics(models: dict, metrics: list, path, title: str = "") -> None:
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_panels(fig, axes, len(metrics), path, title)
 
 
 def precision_entries(entry: dict) -> dict:
-    """{precision: {"<dim>": metrics with "bytes_per_vector"}} with float32 first (its bytes: 4 per dim)."""
-    float32 = {str(d): {**(entry["metrics"].get(str(d)) or entry["metrics"][d]), "bytes_per_vector": 4 * int(d)}
-               for d in entry["dims"]}
+    """{precision: {"<dim>": metrics with "bytes_per_vector"}} with float32 first."""
+    float32 = {str(d): {**(entry["metrics"].get(str(d)) or entry["metrics"][d]),
+                        "bytes_per_vector": bytes_per_vector("float32", int(d))} for d in entry["dims"]}
     return {"float32": float32, **entry.get("quantized", {})}
 
 
@@ -106,15 +120,8 @@ def precision_plot_path(path) -> Path:
 def plot_precisions(models: dict, metrics: list, path, title: str = "") -> None:
     """One panel per metric against bytes per vector (log2 axis), a line per model and precision through its dims:
     which precision and dim to store for a given byte budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     markers = {"float32": "o", "float16": "s", "int8": "^", "binary": "D"}
-    cols = min(3, len(metrics))
-    rows = (len(metrics) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = metric_panels(len(metrics))
     for ax, metric in zip(axes.flat, metrics):
         for label, entry in models.items():
             for precision, by_dim in precision_entries(entry).items():
@@ -127,11 +134,4 @@ def plot_precisions(models: dict, metrics: list, path, title: str = "") -> None:
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_panels(fig, axes, len(metrics), path, title)

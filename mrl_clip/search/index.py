@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 
 from ..errors import UserError
+from ..quantize import normalized_prefix
 from .precision import PRECISIONS, PrefixCodes, build_stage1, check_precision, stage1_search
 
 STORAGE_DTYPES = ("float32", "float16")
@@ -84,17 +85,6 @@ def parse_funnel(text: str, width: int | None = None, final_k: int | None = None
     if final_k is not None and stages[-1].k < final_k:
         raise UserError(f"{flag} ends with {stages[-1].k} results, fewer than the {final_k} asked for")
     return stages
-
-
-def normalized_prefix(x: np.ndarray, dim: int) -> np.ndarray:
-    """Contiguous float32 rows x[:, :dim] / ||x[:, :dim]|| (a zero row stays zero), in blocks of rows."""
-    out = np.empty((len(x), dim), dtype=np.float32)
-    for start in range(0, len(x), _CHUNK):
-        block = np.asarray(x[start:start + _CHUNK, :dim], dtype=np.float32)
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        np.divide(block, norms, out=out[start:start + _CHUNK], where=norms > 0)
-        out[start:start + _CHUNK][(norms == 0)[:, 0]] = 0
-    return out
 
 
 def prefix_norms(x: np.ndarray, dim: int) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import quantize
 from ..errors import UserError
+from ..quantize import normalized_prefix
 
 PRECISIONS = tuple(reversed(quantize.PRECISIONS))   # rising: a funnel's precision may not drop
 SQ_TYPES = {"int8": faiss.ScalarQuantizer.QT_8bit, "float16": faiss.ScalarQuantizer.QT_fp16}
@@ -84,8 +85,6 @@ def build_stage1(vectors, dim: int, precision: str, hnsw: int = 0, ef_constructi
 def prefix_ranges(vectors, dim: int) -> np.ndarray:
     """[2, dim]: each dim's min and max over the re-normalised prefixes of all rows. RS_minmax training keeps
     exactly these, so training on these two rows is training on every row, without a float32 copy of them all."""
-    from .index import normalized_prefix
-
     lows, highs = zip(*[(p.min(0), p.max(0)) for p in (normalized_prefix(b, dim) for b in chunks(vectors, dim))])
     return np.stack([np.min(lows, 0), np.max(highs, 0)]).astype(np.float32)
 
@@ -112,8 +111,6 @@ class PrefixCodes:
         if precision == "binary":
             self.codes = sign_codes(vectors, dim)
             return
-        from .index import normalized_prefix
-
         self.quantizer = faiss.ScalarQuantizer(dim, SQ_TYPES[precision])
         self.quantizer.train(prefix_ranges(vectors, dim))
         self.codes = np.concatenate([self.quantizer.compute_codes(normalized_prefix(block, dim))
@@ -121,8 +118,6 @@ class PrefixCodes:
 
     def query(self, queries: np.ndarray) -> np.ndarray:
         """What a query is scored as: its packed sign bits, or its re-normalised float32 prefix."""
-        from .index import normalized_prefix
-
         return sign_codes(queries, self.dim) if self.precision == "binary" else normalized_prefix(queries, self.dim)
 
     def scores(self, rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
