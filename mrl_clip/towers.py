@@ -21,11 +21,11 @@ The model configs (mrl_clip/model_configs):
   1280 features are projected down to it; Matryoshka dims 12,24,48,96,192,384 (halvings from the full width down to
   1/32). Preprocessing mean/std 0.5 as tf_efficientnet_lite0 was trained (carried as "preprocess_cfg" in the
   config file, moved out of open_clip's registry by `import mrl_clip` and applied by mrl_clip.models.create; exports
-  carry it in open_clip_config.json). Image size 128: the image tower's forward+backward on 2 threads took 93, 114
-  and 117 CPU-ms per image at 96, 112 and 128 px (a loaded 2-core machine, 16-image batches, median of 7): small
-  inputs are overhead-bound, so 128 costs 1.26x of 96 for 1.78x the pixels the ImageNet features were trained
-  nearer to. Context length 32 tokens: OpenMoji annotations tokenize to at most ~21 with [CLS] and [SEP]
-  ("couple with heart: woman, man, medium-light skin tone, medium-dark skin tone"); longer captions are truncated.
+  carry it in open_clip_config.json). Image size 128: on a CPU small inputs are overhead-bound, so 128 px costs
+  little more than 96 for nearly twice the pixels, nearer to the size the ImageNet features were trained at
+  (measured: benchmarks/README.md). Context length 32 tokens: OpenMoji annotations tokenize to at most ~21 with
+  [CLS] and [SEP] ("couple with heart: woman, man, medium-light skin tone, medium-dark skin tone"); longer captions
+  are truncated.
 - ALIGN-B3-BERT-640: the cluster recipe in ALIGN's shape (Jia et al. 2021: EfficientNet image tower, BERT-base
   text tower with its [CLS] output, 640-d embedding). EfficientNet-B3 rather than ALIGN's B7 keeps it trainable on
   a few GPUs; both towers' weights come from the hub (`timm/tf_efficientnet_b3.in1k`, `bert-base-uncased`).

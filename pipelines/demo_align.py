@@ -11,8 +11,8 @@ from pipelines import demo_commands, fashion_mnist, openmoji
 from pipelines.demo_commands import evaluate
 
 MODEL, DIMS = towers.ALIGN_LITE, towers.ALIGN_LITE_DIMS
-# Both towers locked, BatchNorm statistics and LayerNorms too: only the two projections learn. On 2 cores a step is
-# then two forwards (~1.5 s at batch 64); a backward through MiniLM's layers alone would more than double it.
+# Both towers locked, BatchNorm statistics and LayerNorms too: only the two projections learn. On a CPU a step is
+# then two forwards; a backward through MiniLM's layers alone would more than double it (benchmarks/README.md).
 TOWER_FLAGS = ["--pretrained-image", "--lock-image", "--lock-image-freeze-bn-stats", "--lock-text",
                "--lock-text-freeze-layer-norm"]
 FASHION_TEST_IMAGES = 500
