@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import quantize
+from .. import models, quantize
 from ..errors import ArgumentParser, UserError
 from ..files import write_json
 from ..prefix import normalized_prefix
@@ -67,8 +67,6 @@ def encode_queries(args, meta) -> tuple:
     """(query embeddings [queries, width or a --queries file's dim], query labels)."""
     vectors, labels = [], []
     if args.text or args.image:
-        from .. import models
-
         name = args.model or meta.get("model")
         pretrained = args.pretrained if args.model else (args.pretrained or meta.get("pretrained"))
         if not name:
