@@ -270,7 +270,8 @@ def test_eval_retrieval_cli_numbers_match_a_numpy_recount(trained_run, unique_ca
     images, texts, index = encoded_pairs(model, unique_caption_folder)
     positives = positives_of(index, len(images))
     for dim in dims:
-        got = {"float32": entry["metrics"][str(dim)], **{p: by_dim[str(dim)] for p, by_dim in entry["quantized"].items()}}
+        got = {p: by_dim[str(dim)] for p, by_dim in entry["quantized"].items()}
+        got["float32"] = entry["metrics"][str(dim)]
         assert all(set(got[p]) == set(got["float32"]) | {"bytes_per_vector"} for p in ("int8", "binary"))
         assert [got[p]["bytes_per_vector"] for p in ("int8", "binary")] == [dim, math.ceil(dim / 8)]
         for side, queries, database, pos in (("image", texts, images, positives),
