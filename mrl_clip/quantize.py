@@ -1,12 +1,14 @@
 """The codec of quantised Matryoshka prefixes: float16, int8 and binary codes of the re-normalised m-d prefix
 x[:, :m] / ||x[:, :m]|| (mrl_clip.prefix), their calibration, decoding and scores. Everything that stores or
 scores a prefix below float32 -- `embed --precision`, `eval --embedding-precision`, the precision stages of a
-funnel and their faiss indexes (mrl_clip.search.precision) -- takes its codes and scores from here.
+funnel and their faiss indexes (mrl_clip.search.precision) -- takes its codes, ranges and scores from here (an
+HNSW graph alone has faiss encode the rows it links, with these ranges).
 
 The database side is stored; the query side stays a float32 prefix, quantised only where the scoring needs it.
 
-- float16: the database prefixes rounded to float16 (faiss's QT_fp16 codes are the same bits); score = float32
-  query . decoded item (as faiss's IndexScalarQuantizer with inner product). 2m bytes a vector.
+- float16: the database prefixes rounded to float16 by numpy (faiss's QT_fp16 encoder gives the same bits but at
+  exact halfway ties, which numpy rounds to even); score = float32 query . decoded item (as faiss's
+  IndexScalarQuantizer with inner product). 2m bytes a vector.
 - int8: faiss's ScalarQuantizer QT_8bit with per-dim ranges (RS_minmax): vmin = min, vdiff = max - min over the
   DATABASE side's prefixes (`calibrate`); code = floor(255 * clip((x - vmin) / vdiff, 0, 1)) (faiss Codec8bit, so
   255 only at the maximum), decoded at the bin centre vmin + (code + 0.5) / 255 * vdiff. Stored as int8 = code - 128
