@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -122,4 +123,25 @@ def image_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("my_photos")
     for i in range(40):
         Image.fromarray(images[i]).save(folder / f"{i:03d}_{fashion_mnist.CLASSNAMES[labels[i]]}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def unique_caption_folder(tmp_path_factory):
+    """A CLIP_benchmark retrieval folder whose captions are all distinct strings (class captions repeat, and
+    equal texts tie, leaving recall@K to each library's tie order)."""
+    from clip_benchmark.webdataset_builder import (
+        PIL_to_bytes,
+        convert_retrieval_dataset,
+    )
+    from PIL import Image
+
+    images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_DIR, "test")
+    rng = random.Random(0)
+    pairs = [(Image.fromarray(images[i]), [f"item {i} {t}".format(c=fashion_mnist.CLASSNAMES[labels[i]])
+                                          for t in rng.sample(fashion_mnist.CAPTION_TEMPLATES, 2)])
+             for i in range(120)]
+    folder = tmp_path_factory.mktemp("unique_captions")
+    convert_retrieval_dataset(pairs, "test", str(folder), transform=PIL_to_bytes("png"), image_format="png",
+                              verbose=False)
     return folder

@@ -138,8 +138,9 @@ def test_retrieval_full_width_equals_clip_benchmark_cli(trained_run, fmnist_data
     report = json.loads((tmp_path / "ours.json").read_text())
     full = report["models"]["export"]["metrics"]["256"]
     assert set(full) == set(reference) and len(full) == 6
-    for name, value in reference.items():
-        assert abs(full[name] - value) < 1e-4, (name, full[name], value)
+    # both are CLIP_benchmark's recall_at_k hits averaged by the same float32 mean over the same queries: one hit
+    # apart would be 1/400 apart, and equal hits give the same float, so the numbers must be equal
+    assert full == reference
     # the single-model fields stay for older readers
     assert (report["model"], report["dims"], sorted(report["metrics"])) == \
         (f"local-dir:{trained_run['export']}", [16, 256], ["16", "256"])

@@ -12,8 +12,10 @@ from mrl_clip import quantize
 from mrl_clip.errors import UserError
 from mrl_clip.eval.zeroshot import classifier_at, quantized_zeroshot_metrics
 from mrl_clip.eval.zeroshot_retrieval import quantized_retrieval_metrics
+from mrl_clip.prefix import normalized_prefix
 
 from . import numerics
+from .recall import encoded_pairs, positives_of, recall_by_rank, undecided
 
 WIDTH = 40
 
@@ -38,7 +40,7 @@ def int8_reference(database, dim):
     """float64 numpy: per-dim ranges of the float32 prefixes, codes floor(255 * clip((x - min) / (max - min))), the
     bin centres min + (code + 0.5) / 255 * (max - min); and where each code sits within float32 rounding of a bin edge
     (there faiss's float32 arithmetic may land on either side)."""
-    x = quantize.normalized_prefix(database, dim).astype(np.float64)
+    x = normalized_prefix(database, dim).astype(np.float64)
     lo, hi = x.min(axis=0), x.max(axis=0)
     diff = np.float32(hi) - np.float32(lo)  # faiss's vdiff is a float32 difference
     t = np.clip((x - lo) / diff, 0, 1) * 255
@@ -64,7 +66,7 @@ def edge_slack(queries64, edge, diff):
 @pytest.mark.parametrize("dim", [8, 13, WIDTH])
 def test_int8_codes_and_scores_match_numpy(rows, dim):
     database, queries = rows
-    x = quantize.normalized_prefix(database, dim)
+    x = normalized_prefix(database, dim)
     ranges = quantize.calibrate(x)
     codes = quantize.encode(x, "int8", ranges)
     assert codes.dtype == np.int8 and codes.shape == (len(database), dim)
@@ -76,7 +78,7 @@ def test_int8_codes_and_scores_match_numpy(rows, dim):
     exact = q @ ref_decoded.T
     # where a code sits on a bin edge either neighbour is right: compare against the code actually chosen
     exact_chosen = q @ (lo + (ours + 0.5) / 255 * diff).T
-    scores = quantize.score(quantize.normalized_prefix(queries, dim), codes, "int8", dim, ranges)
+    scores = quantize.score(normalized_prefix(queries, dim), codes, "int8", dim, ranges)
     tolerance = int8_tolerance(q, lo, diff, dim)[:, None]
     assert np.all(np.abs(scores - exact_chosen) <= tolerance)
     assert np.mean(np.abs(exact - exact_chosen) > 0) < 0.05  # edge codes are rare
@@ -87,7 +89,7 @@ def test_int8_scores_match_faiss_index_scalar_quantizer(rows, dim):
     """faiss trains its own QT_8bit quantizer (RS_minmax) on the same prefixes: the same codes, and its inner-product
     search returns a top-10 of our scores with its scores within rounding of ours."""
     database, queries = rows
-    x, q = quantize.normalized_prefix(database, dim), quantize.normalized_prefix(queries, dim)
+    x, q = normalized_prefix(database, dim), normalized_prefix(queries, dim)
     index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
     index.train(x)
     index.add(x)
@@ -111,47 +113,63 @@ def test_int8_clips_values_outside_the_calibration_range():
     codes = quantize.encode(np.array([[-3.0, 2.0], [0.5, 0.0]], dtype=np.float32), "int8", ranges)
     np.testing.assert_array_equal(codes.astype(int) + 128, [[0, 255], [255, 0]])
     decoded = quantize.decode(codes, "int8", ranges)
-    np.testing.assert_allclose(decoded, [[-0.5 + 0.5 / 255, 1 + 0.5 / 255], [0.5 + 0.5 / 255, 0.5 / 255]], rtol=1e-6)
+    # faiss decodes vmin + (code + 0.5) / 255 * vdiff in float32: three roundings of magnitudes <= |vmin| + 1.01 vdiff
+    bound = numerics.gamma(3) * (np.abs(ranges[0]) + 1.01 * (ranges[1] - ranges[0]))
+    assert np.all(np.abs(decoded - [[-0.5 + 0.5 / 255, 1 + 0.5 / 255], [0.5 + 0.5 / 255, 0.5 / 255]]) <= bound)
 
 
 @pytest.mark.parametrize("dim", [8, 12, 13, WIDTH])
 def test_binary_scores_are_sign_dot_products_and_faiss_hamming(rows, dim):
     database, queries = rows
-    x, q = quantize.normalized_prefix(database, dim), quantize.normalized_prefix(queries, dim)
+    x, q = normalized_prefix(database, dim), normalized_prefix(queries, dim)
     codes = quantize.encode(x, "binary")
     assert codes.dtype == np.uint8 and codes.shape == (len(x), math.ceil(dim / 8))
     if dim % 8:  # the padding bits (low bits of the last byte) are zero
         assert not np.any(codes[:, -1] & ((1 << (8 - dim % 8)) - 1))
     signs_x, signs_q = np.where(database[:, :dim] > 0, 1, -1), np.where(queries[:, :dim] > 0, 1, -1)
     scores = quantize.score(q, codes, "binary", dim)
-    np.testing.assert_array_equal(scores, signs_q @ signs_x.T)
+    # the cosine of the sign vectors: two float32 roundings of values <= 2 off the float64 one (exact for dim 8)
+    np.testing.assert_allclose(scores, signs_q @ signs_x.T / dim, rtol=0, atol=4 * numerics.U32)
     np.testing.assert_array_equal(quantize.decode(codes, "binary", dim=dim), signs_x)
     # faiss's IndexBinaryFlat: Hamming distances, ties in id order; ranking_scores orders the same way
     index = faiss.IndexBinaryFlat(8 * codes.shape[1])
     index.add(codes)
     distances, ids = index.search(quantize.encode(q, "binary"), 50)
-    np.testing.assert_array_equal(dim - 2 * distances, np.take_along_axis(scores, ids, 1))
-    ranked = np.argsort(-quantize.ranking_scores(scores, "binary"), axis=1, kind="stable")[:, :50]
+    np.testing.assert_array_equal(quantize.binary_scores(distances, dim), np.take_along_axis(scores, ids, 1))
+    np.testing.assert_array_equal(dim - 2 * distances, np.take_along_axis(signs_q @ signs_x.T, ids, 1))
+    ranked = np.argsort(-quantize.ranking_scores(scores, "binary", dim), axis=1, kind="stable")[:, :50]
     np.testing.assert_array_equal(ranked, ids)
     by_key = np.lexsort((np.broadcast_to(np.arange(len(x)), scores.shape), -scores), axis=1)[:, :50]
     np.testing.assert_array_equal(ranked, by_key)
 
 
 @pytest.mark.parametrize("dim", [8, WIDTH])
-def test_float16_scores_round_both_sides(rows, dim):
+def test_float16_scores_round_the_stored_side(rows, dim):
+    """float16 stores the database rounded and scores the float32 query against it, as faiss's
+    IndexScalarQuantizer QT_fp16 (the funnel's float16 stages) does."""
     database, queries = rows
-    x, q = quantize.normalized_prefix(database, dim), quantize.normalized_prefix(queries, dim)
+    x, q = normalized_prefix(database, dim), normalized_prefix(queries, dim)
     scores = quantize.similarity(q, x, "float16")
-    exact = q.astype(np.float16).astype(np.float64) @ x.astype(np.float16).astype(np.float64).T
+    exact = q.astype(np.float64) @ x.astype(np.float16).astype(np.float64).T
     # the float16 values are exact in float32; the float32 dot product of unit-ish vectors adds gamma(dim)
     assert np.all(np.abs(scores - exact) <= numerics.gamma(dim) * 1.01)
     assert np.abs(scores - q @ x.T).max() > 0  # rounding happened
+    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    index.add(x)
+    # faiss's QT_fp16 codes are numpy's float16 but where x sits exactly halfway between two float16 values
+    # (numpy rounds to even, faiss not): both a nearest float16
+    theirs = faiss.vector_to_array(index.codes).view(np.float16).reshape(x.shape).astype(np.float64)
+    ours = quantize.encode(x, "float16").astype(np.float64)
+    assert np.mean(theirs != ours) < 1e-3
+    np.testing.assert_array_equal(np.abs(theirs - x), np.abs(ours - x))
+    found, ids = index.search(q, 10)
+    assert np.all(np.abs(found - np.take_along_axis(scores, ids, 1)) <= 2 * numerics.gamma(dim) * 1.01)
 
 
 @pytest.mark.parametrize("precision", quantize.PRECISIONS)
 @pytest.mark.parametrize("dim", [8, 13, WIDTH])
 def test_bytes_per_vector_is_what_the_codes_take(rows, precision, dim):
-    x = quantize.normalized_prefix(rows[0], dim)
+    x = normalized_prefix(rows[0], dim)
     codes = quantize.encode(x, precision, quantize.calibrate(x))
     assert codes.nbytes == len(x) * quantize.bytes_per_vector(precision, dim)
 
@@ -165,16 +183,6 @@ def test_bad_precision_lists_are_user_errors(text, message):
 
 def test_precision_list_is_ordered_and_deduplicated():
     assert quantize.parse_precisions("binary, int8,float32,int8") == ["float32", "int8", "binary"]
-
-
-def recall_by_rank(scores, positives, k, tie_order):
-    """A query scores when one of its positives ranks in the top k: rank = items scoring more, plus items scoring
-    the same that come first in tie_order (lower index)."""
-    hits = []
-    for s, pos in zip(scores, positives):
-        ranks = [(s > s[j]).sum() + (tie_order and (s[:j] == s[j]).sum()) for j in np.flatnonzero(pos)]
-        hits.append(min(ranks) < k)
-    return float(np.mean(hits))
 
 
 @pytest.fixture(scope="module")
@@ -191,28 +199,20 @@ def test_binary_retrieval_metrics_match_a_numpy_recount(pairs, dim):
     images, texts, index = pairs
     metrics = quantized_retrieval_metrics(images, texts, index, [dim], "binary", recall_k=(1, 5, 10))[dim]
     si, st = np.where(images[:, :dim].numpy() > 0, 1, -1), np.where(texts[:, :dim].numpy() > 0, 1, -1)
-    positives = np.zeros((len(texts), len(images)), dtype=bool)
-    positives[np.arange(len(texts)), index.numpy()] = True
+    positives = positives_of(index, len(images))
     sim = st @ si.T
     for k in (1, 5, 10):
-        assert metrics[f"image_retrieval_recall@{k}"] == pytest.approx(recall_by_rank(sim, positives, k, True))
-        assert metrics[f"text_retrieval_recall@{k}"] == pytest.approx(recall_by_rank(sim.T, positives.T, k, True))
+        # float32 means of 0/1 hits against float64 ones: one rounding of a value <= 1
+        assert abs(metrics[f"image_retrieval_recall@{k}"] - recall_by_rank(sim, positives, k, True)) <= numerics.U32
+        assert abs(metrics[f"text_retrieval_recall@{k}"] - recall_by_rank(sim.T, positives.T, k, True)) <= numerics.U32
     assert metrics["bytes_per_vector"] == math.ceil(dim / 8)
-
-
-def undecided(scores, positives, k, tolerance):
-    """Queries whose hit or miss float rounding may decide: a positive within 2 * tolerance of the k-th score."""
-    kth = -np.sort(-scores, axis=1)[:, k - 1]
-    best = np.where(positives, scores, -np.inf).max(axis=1)
-    return np.abs(best - kth) <= 2 * tolerance
 
 
 @pytest.mark.parametrize("dim", [8, WIDTH])
 def test_int8_retrieval_metrics_match_a_numpy_recount(pairs, dim):
     images, texts, index = pairs
     metrics = quantized_retrieval_metrics(images, texts, index, [dim], "int8", recall_k=(1, 5))[dim]
-    positives = np.zeros((len(texts), len(images)), dtype=bool)
-    positives[np.arange(len(texts)), index.numpy()] = True
+    positives = positives_of(index, len(images))
     for side, queries, database, pos in (("image", texts, images, positives), ("text", images, texts, positives.T)):
         _, decoded, edge, lo, diff = int8_reference(database.numpy(), dim)
         q = prefix64(queries.numpy(), dim)
@@ -221,7 +221,7 @@ def test_int8_retrieval_metrics_match_a_numpy_recount(pairs, dim):
         for k in (1, 5):
             expected = recall_by_rank(exact, pos, k, False)
             slack = undecided(exact, pos, k, tolerance).mean()
-            assert abs(metrics[f"{side}_retrieval_recall@{k}"] - expected) <= slack + 1e-12
+            assert abs(metrics[f"{side}_retrieval_recall@{k}"] - expected) <= slack + numerics.U32
 
 
 @pytest.mark.parametrize("precision", ["binary", "int8"])
@@ -249,26 +249,49 @@ def test_zeroshot_metrics_store_the_images_quantised(precision):
     assert metrics["bytes_per_vector"] == dim
 
 
-def test_eval_retrieval_cli_reports_each_precision(trained_run, fmnist_data, tmp_path):
-    """JSON "quantized" beside "metrics" (every precision but float32, every dim, bytes per vector), a table per
-    precision and the bytes-per-vector plot."""
-    from .conftest import run_module
+def test_eval_retrieval_cli_numbers_match_a_numpy_recount(trained_run, unique_caption_folder, tmp_path, capsys):
+    """`eval retrieval --embedding-precision binary,int8,float32` (its main(), in-process): every recall@K in the
+    JSON, float32 ("metrics") and quantised ("quantized", with bytes per vector) at every dim, against a numpy
+    float64 recount from the same features; a table per precision and the bytes-per-vector plot."""
+    from mrl_clip.eval import main as mrl_eval
 
-    model = f"local-dir:{trained_run['export']}"
-    result = run_module("mrl_clip.eval", "retrieval", "--model", model, "--data", fmnist_data["captions"],
-                        "--dims", "8,13,256", "--embedding-precision", "binary,int8,float32", "--output",
-                        tmp_path / "r.json", "--plot", tmp_path / "r.png", timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    model, dims, recall_k = f"local-dir:{trained_run['export']}", [8, 13, 256], (1, 5, 10)
+    assert mrl_eval.main(["retrieval", "--model", model, "--data", str(unique_caption_folder), "--dims", "8,13,256",
+                          "--embedding-precision", "binary,int8,float32", "--output", str(tmp_path / "r.json"),
+                          "--plot", str(tmp_path / "r.png")]) == 0
+    printed = capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     entry = report["models"]["export"]
     assert list(entry["quantized"]) == ["int8", "binary"] and report["quantized"] == entry["quantized"]
-    for precision, by_dim in entry["quantized"].items():
-        assert list(by_dim) == ["8", "13", "256"]
-        for dim, metrics in by_dim.items():
-            assert set(metrics) == set(entry["metrics"][dim]) | {"bytes_per_vector"}
-            assert metrics["bytes_per_vector"] == quantize.bytes_per_vector(precision, int(dim))
-    assert "== int8" in result.stdout and "== binary" in result.stdout
+    assert "== int8" in printed and "== binary" in printed
     assert (tmp_path / "r_precision.png").stat().st_size > 1000
+
+    images, texts, index = encoded_pairs(model, unique_caption_folder)
+    positives = positives_of(index, len(images))
+    for dim in dims:
+        got = {p: by_dim[str(dim)] for p, by_dim in entry["quantized"].items()}
+        got["float32"] = entry["metrics"][str(dim)]
+        assert all(set(got[p]) == set(got["float32"]) | {"bytes_per_vector"} for p in ("int8", "binary"))
+        assert [got[p]["bytes_per_vector"] for p in ("int8", "binary")] == [dim, math.ceil(dim / 8)]
+        for side, queries, database, pos in (("image", texts, images, positives),
+                                             ("text", images, texts, positives.T)):
+            q = prefix64(queries, dim)
+            # float32: the float64 cosine, each float32 score within cosine_tolerance of it
+            cosine = q @ prefix64(database, dim).T
+            expected = {"float32": (cosine, False, numerics.cosine_tolerance(dim))}
+            # binary: sign dot products, exact; ties to the lower index
+            signs = np.where(queries[:, :dim] > 0, 1, -1) @ np.where(database[:, :dim] > 0, 1, -1).T
+            expected["binary"] = (signs, True, 0.0)
+            # int8: the float query . numpy's decoded codes (calibrated on the searched side)
+            _, decoded, edge, lo, diff = int8_reference(database, dim)
+            expected["int8"] = (q @ decoded.T, False, int8_tolerance(q, lo, diff, dim) + edge_slack(q, edge, diff))
+            for precision, (scores, tie_order, tolerance) in expected.items():
+                for k in recall_k:
+                    reference = recall_by_rank(scores, pos, k, tie_order)
+                    slack = undecided(scores, pos, k, tolerance).mean() if not tie_order else 0.0
+                    # the JSON's recall is a float32 mean of 0/1 hits: one rounding of a value <= 1
+                    assert abs(got[precision][f"{side}_retrieval_recall@{k}"] - reference) <= slack + numerics.U32, \
+                        (precision, dim, side, k)
 
 
 def test_save_embeddings_writes_prefix_codes_and_calibration(tmp_path):
@@ -292,7 +315,11 @@ def test_save_embeddings_writes_prefix_codes_and_calibration(tmp_path):
             assert np.all((ours == codes) | edge)
             # the docstring's decoding, in numpy: min + (code + 128.5) / 255 * (max - min)
             mine = stored.ranges[0] + (stored.codes + 128.5) / 255 * (stored.ranges[1] - stored.ranges[0])
-            np.testing.assert_allclose(quantize.decode(stored.codes, "int8", stored.ranges), mine, rtol=0, atol=1e-6)
+            # faiss: three float32 roundings (as above) of magnitudes <= |min| + 1.01 |max - min|, and its vdiff is
+            # a float32 difference (one more)
+            lo, diff = stored.ranges[0].astype(np.float64), np.float64(stored.ranges[1]) - stored.ranges[0]
+            bound = numerics.gamma(4) * (np.abs(lo) + 1.01 * np.abs(diff))
+            assert np.all(np.abs(quantize.decode(stored.codes, "int8", stored.ranges) - mine) <= bound)
         elif precision == "binary":
             np.testing.assert_array_equal(np.unpackbits(stored.codes, axis=1, count=dim), prefix > 0)
         else:
@@ -302,39 +329,53 @@ def test_save_embeddings_writes_prefix_codes_and_calibration(tmp_path):
         load_embeddings(tmp_path / "int8.npz")
 
 
-@pytest.mark.parametrize("precision", ["int8", "binary"])
-def test_embed_prefix_codes_then_search(trained_run, image_folder, tmp_path, precision, capsys):
-    """`embed --dim 16 --precision P`, then `search --text` (their main(), in-process; the `python -m` wiring is
-    test_cli's): the hits are numpy's brute force over the file's codes (decoded with its ranges, or as sign bits)
-    with the query encoded here by open_clip at full width, sliced to 16 and re-normalised."""
+@pytest.mark.parametrize("precision, dim", [("int8", 16), ("binary", 12)])
+def test_embed_prefix_codes_then_search(trained_run, image_folder, tmp_path, precision, dim, capsys):
+    """`embed --dim M --precision P`, then `search --text` (their main(), in-process; the `python -m` wiring is
+    test_cli's): the hits are numpy's brute force over the file's codes (decoded with its ranges, or as sign bits;
+    12 dims: 1.5 bytes, zero-padded) with the query encoded here by open_clip at full width, sliced to M and
+    re-normalised. A binary file and a binary@M funnel stage over the full-width file give the same hits."""
     import open_clip
 
     from mrl_clip.search import embed
     from mrl_clip.search import main as search
 
-    export, dim = f"local-dir:{trained_run['export']}", 16
+    export = f"local-dir:{trained_run['export']}"
     index_file = tmp_path / "photos.npz"
     embed.main(["--model", export, "--images", str(image_folder), "--output", str(index_file), "--dim", str(dim),
                 "--precision", precision, "--device", "cpu"])
-    assert f"x 16 dims ({precision}, {quantize.bytes_per_vector(precision, dim)} bytes each)" in capsys.readouterr().out
+    assert f"x {dim} dims ({precision}, {quantize.bytes_per_vector(precision, dim)} bytes each)" in \
+        capsys.readouterr().out
     stored = embed.read_embeddings(index_file)
     queries = ["a photo of a sandal.", "a photo of a trouser.", "a bag."]
-    hits = tmp_path / "hits.json"
-    search.main(["--index", str(index_file), *[a for q in queries for a in ("--text", q)], "--k", "5",
-                 "--output", str(hits), "--device", "cpu"])
-    found = json.loads(hits.read_text())["queries"]
-    ids = np.array([[h["id"] for h in q["results"]] for q in found])
-    scores = np.array([[h["score"] for h in q["results"]] for q in found])
 
+    def searched(path, *how):
+        hits = tmp_path / "hits.json"
+        search.main(["--index", str(path), *[a for q in queries for a in ("--text", q)], *how, "--output", str(hits),
+                     "--device", "cpu"])
+        found = json.loads(hits.read_text())["queries"]
+        return (np.array([[h["id"] for h in q["results"]] for q in found]),
+                np.array([[h["score"] for h in q["results"]] for q in found]))
+
+    ids, scores = searched(index_file, "--k", "5")
     model, _, _ = open_clip.create_model_and_transforms(export)
     with torch.no_grad():
         text = model.eval().encode_text(open_clip.get_tokenizer(export)(queries)).numpy()
     q = prefix64(text, dim)
     if precision == "binary":
-        exact = np.where(q > 0, 1, -1) @ (np.unpackbits(stored.codes, axis=1, count=dim).astype(int) * 2 - 1).T
-        order = np.lexsort((np.broadcast_to(np.arange(exact.shape[1]), exact.shape), -exact), axis=1)[:, :5]
+        bits = np.unpackbits(stored.codes, axis=1)
+        assert stored.codes.shape[1] == 2 and not bits[:, dim:].any()   # 12 sign bits and 4 zero bits a row
+        h = ((q > 0)[:, None, :] != bits[None, :, :dim]).sum(-1)         # numpy's Hamming distance
+        order = np.lexsort((np.broadcast_to(np.arange(h.shape[1]), h.shape), h), axis=1)[:, :5]
         np.testing.assert_array_equal(ids, order)
-        np.testing.assert_array_equal(scores, np.take_along_axis(exact, order, 1))
+        # 1 - 2h/M in float32: two roundings of values <= 2 off the float64 value
+        np.testing.assert_allclose(scores, 1 - 2 * np.take_along_axis(h, order, 1) / dim, rtol=0,
+                                   atol=4 * numerics.U32)
+        full_file = tmp_path / "full.npz"
+        embed.main(["--model", export, "--images", str(image_folder), "--output", str(full_file), "--device", "cpu"])
+        funnel_ids, funnel_scores = searched(full_file, "--funnel", f"binary@{dim}:5")
+        np.testing.assert_array_equal(funnel_ids, ids)
+        np.testing.assert_array_equal(funnel_scores, scores)
         return
     lo, hi = stored.ranges.astype(np.float64)
     exact = q @ (lo + (stored.codes + 128.5) / 255 * (hi - lo)).T

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .. import quantize
 from ..errors import UserError
+from ..prefix import normalized_prefix, normalized_prefix_tensor
 
 
 @dataclass
@@ -72,13 +73,13 @@ def encode_class_prompts(model, tokenizer, classnames, templates, device="cpu"):
 
 def classifier_at(prompt_features, dim):
     """CLIP_benchmark's zero-shot classifier, built from the dim-m prefixes: [classes, m]."""
-    per_prompt = F.normalize(prompt_features[..., :dim], dim=-1)
+    per_prompt = normalized_prefix_tensor(prompt_features, dim)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
 
 def zeroshot_logits(image_features, prompt_features, dim):
     """CLIP_benchmark's logits (100 x cosine) from the dim-m prefixes."""
-    return 100.0 * F.normalize(image_features[:, :dim], dim=-1) @ classifier_at(prompt_features, dim).T
+    return 100.0 * normalized_prefix_tensor(image_features, dim) @ classifier_at(prompt_features, dim).T
 
 
 def top1_top5(logits, labels) -> tuple:
@@ -106,10 +107,10 @@ def quantized_zeroshot_metrics(image_features, labels, prompt_features, dims, pr
     (int8 calibrated on them), each class's classifier the query; binary ties go to the lower class index."""
     results = {}
     for m in dims:
-        images = quantize.normalized_prefix(image_features.numpy(), m)
+        images = normalized_prefix(image_features.numpy(), m)
         classifier = classifier_at(prompt_features, m).numpy()
         scores = quantize.similarity(classifier, images, precision).T          # [images, classes]
-        scores = quantize.ranking_scores(np.ascontiguousarray(scores), precision)
+        scores = quantize.ranking_scores(np.ascontiguousarray(scores), precision, m)
         results[m] = {**classification_metrics(torch.from_numpy(scores), labels),
                       "bytes_per_vector": quantize.bytes_per_vector(precision, m)}
     return results

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import quantize
 from ..errors import UserError
+from ..prefix import normalized_prefix, normalized_prefix_tensor
 from .zeroshot import check_wds_folder
 
 
@@ -76,7 +76,7 @@ def retrieval_metrics(image_features, text_features, text_image_index, dims, rec
     positives = positives_of(text_image_index, len(image_features))
     results = {}
     for m in dims:
-        scores = F.normalize(text_features[:, :m], dim=-1) @ F.normalize(image_features[:, :m], dim=-1).T
+        scores = normalized_prefix_tensor(text_features, m) @ normalized_prefix_tensor(image_features, m).T
         results[m] = recall_metrics(scores, scores.T, positives, recall_k, batch_size)
     return results
 
@@ -89,10 +89,9 @@ def quantized_retrieval_metrics(image_features, text_features, text_image_index,
     positives = positives_of(text_image_index, len(image_features))
     results = {}
     for m in dims:
-        images = quantize.normalized_prefix(image_features.numpy(), m)
-        texts = quantize.normalized_prefix(text_features.numpy(), m)
-        image_scores = quantize.ranking_scores(quantize.similarity(texts, images, precision), precision)
-        text_scores = quantize.ranking_scores(quantize.similarity(images, texts, precision), precision)
+        images, texts = normalized_prefix(image_features.numpy(), m), normalized_prefix(text_features.numpy(), m)
+        image_scores = quantize.ranking_scores(quantize.similarity(texts, images, precision), precision, m)
+        text_scores = quantize.ranking_scores(quantize.similarity(images, texts, precision), precision, m)
         results[m] = {**recall_metrics(torch.from_numpy(image_scores), torch.from_numpy(text_scores), positives,
                                        recall_k, batch_size),
                       "bytes_per_vector": quantize.bytes_per_vector(precision, m)}

@@ -27,11 +27,12 @@ import faiss
 import numpy as np
 
 from ..errors import UserError
-from ..quantize import normalized_prefix
-from .precision import PRECISIONS, PrefixCodes, build_stage1, check_precision, stage1_search
+from ..prefix import normalized_blocks, normalized_prefix, prefix_norms
+from ..quantize import PRECISIONS, check_precision
+from .precision import PrefixCodes, build_stage1, stage1_search
 
 STORAGE_DTYPES = ("float32", "float16")
-_CHUNK = 65536  # rows per block when normalising or decoding float16 storage
+RISING = tuple(reversed(PRECISIONS))   # a funnel's precision may not drop: binary < int8 < float16 < float32
 
 # faiss takes its BLAS path only when queries x dims >= 20 * 6400; below it (1,000 queries at 16-64 dims) it falls
 # back to a scan that is several times slower. BLAS is never the slower one here, so always use it.
@@ -71,12 +72,12 @@ def parse_funnel(text: str, width: int | None = None, final_k: int | None = None
                             f"got {text!r}") from None
         if dim < 1 or k < 1:
             raise UserError(f"{flag} dims and candidate counts must be positive, got {item.strip()!r}")
-        stages.append(FunnelStage(dim, k, check_precision(precision or "float32", dim, flag)))
+        stages.append(FunnelStage(dim, k, check_precision(precision or "float32", flag)))
     for before, after in itertools.pairwise(stages):
         if after.dim < before.dim:
             raise UserError(f"{flag} dims must not decrease from one stage to the next, got {text!r}")
-        if PRECISIONS.index(after.precision) < PRECISIONS.index(before.precision):
-            raise UserError(f"{flag} precision must not drop from one stage to the next ({' < '.join(PRECISIONS)};"
+        if RISING.index(after.precision) < RISING.index(before.precision):
+            raise UserError(f"{flag} precision must not drop from one stage to the next ({' < '.join(RISING)};"
                             f" no prefix is float32), got {after.precision} after {before.precision} in {text!r}")
         if after.k >= before.k:
             raise UserError(f"{flag} candidate counts must decrease from one stage to the next, got {text!r}")
@@ -85,11 +86,6 @@ def parse_funnel(text: str, width: int | None = None, final_k: int | None = None
     if final_k is not None and stages[-1].k < final_k:
         raise UserError(f"{flag} ends with {stages[-1].k} results, fewer than the {final_k} asked for")
     return stages
-
-
-def prefix_norms(x: np.ndarray, dim: int) -> np.ndarray:
-    return np.concatenate([np.linalg.norm(np.asarray(x[s:s + _CHUNK, :dim], dtype=np.float32), axis=1)
-                           for s in range(0, len(x), _CHUNK)])
 
 
 class EmbeddingIndex:
@@ -140,7 +136,7 @@ class EmbeddingIndex:
         """A faiss index over every row for funnel stage 1 at dim and precision: flat, or an HNSW graph with
         `hnsw` links per node. A flat float32 stage 1 needs none (it searches prefix(dim))."""
         self.check_dim(dim)
-        check_precision(precision, dim, "stage 1")
+        check_precision(precision, "stage 1")
         if precision == "float32" and not hnsw:
             self.prefix(dim)
             return None
@@ -167,7 +163,7 @@ class EmbeddingIndex:
         the HNSW index of that dim and precision answers (approximate), searching with efSearch =
         max(hnsw_ef, k)."""
         dim = self.check_dim(dim or self.width)
-        check_precision(precision, dim, "precision")
+        check_precision(precision, "precision")
         k = min(k, len(self))
         started = time.perf_counter()
         queries = np.asarray(queries)
@@ -191,12 +187,12 @@ class EmbeddingIndex:
     def _flat_search(self, q: np.ndarray, k: int, dim: int) -> tuple:
         if self.prefix(dim) is not None:
             return faiss.knn(q, self.prefix(dim), k, metric=faiss.METRIC_INNER_PRODUCT)
-        heap = faiss.ResultHeap(len(q), k, keep_max=True)
-        for start in range(0, len(self), _CHUNK):
-            # rounding to float16 moves norms off 1 by ~1e-3: re-normalise, as the gathered re-rank does
-            block = normalized_prefix(self.vectors[start:start + _CHUNK], dim)
+        heap, start = faiss.ResultHeap(len(q), k, keep_max=True), 0
+        # rounding to float16 moves norms off 1 by ~1e-3: re-normalise, as the gathered re-rank does
+        for block in normalized_blocks(self.vectors, dim):
             block_scores, block_ids = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
             heap.add_result(block_scores, block_ids + start)
+            start += len(block)
         heap.finalize()
         return heap.D, heap.I
 

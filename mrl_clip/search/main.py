@@ -15,7 +15,8 @@ searches the file's stage-1 index (an HNSW graph with efSearch = --hnsw-ef, defa
 Files written with `mrl_clip.embed --dim M --precision P` hold M-d prefixes: queries are encoded at full width,
 sliced to M and re-normalised. float32/float16 prefixes search as above (any --dim up to M); int8 codes are
 searched with the float query against the decoded codes (faiss IndexScalarQuantizer, inner product) and binary
-ones by the Hamming distance of the query's sign bits (faiss IndexBinaryFlat; score M - 2 x Hamming), at M only.
+ones by the Hamming distance h of the query's sign bits (faiss IndexBinaryFlat; score 1 - 2h/M, the cosine of the
++-1 sign vectors, as a binary funnel stage scores), at M only.
 """
 import argparse
 import time
@@ -24,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import quantize
+from .. import models, quantize
 from ..errors import ArgumentParser, UserError
 from ..files import write_json
+from ..prefix import normalized_prefix
 from .embed import embed_images, embed_texts, read_embeddings
 from .index import EmbeddingIndex, SearchResult, format_funnel, parse_funnel
 from .store import is_index_file, load_index
@@ -65,8 +67,6 @@ def encode_queries(args, meta) -> tuple:
     """(query embeddings [queries, width or a --queries file's dim], query labels)."""
     vectors, labels = [], []
     if args.text or args.image:
-        from .. import models
-
         name = args.model or meta.get("model")
         pretrained = args.pretrained if args.model else (args.pretrained or meta.get("pretrained"))
         if not name:
@@ -106,7 +106,7 @@ def search_codes(args, stored, queries) -> tuple:
         raise UserError(f"--dim {args.dim}: {args.index} holds {stored.precision} codes of the {stored.dim}-d "
                         f"prefix, searchable at {stored.dim} only")
     k = args.k or 10
-    scores, ids = quantize.search(quantize.normalized_prefix(queries, stored.dim), stored.codes, stored.precision,
+    scores, ids = quantize.search(normalized_prefix(queries, stored.dim), stored.codes, stored.precision,
                                   stored.dim, k, stored.ranges)
     return SearchResult(scores, ids), k, f"exact at dim {stored.dim}, {stored.precision}"
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import atomic_write
+from ..quantize import check_precision
 from .index import EmbeddingIndex
-from .precision import check_precision
 
 MAGIC = b"MRLCLIP-INDEX\n"
 FORMAT = 1
@@ -50,7 +50,7 @@ def parse_stage1(text: str, width: int | None = None, flag: str = "--stage1") ->
                         f"hnsw32-int8@64), got {text!r}")
     links, hnsw_precision, flat_precision, dim = match.groups()
     spec = Stage1Spec(int(dim), hnsw_precision or flat_precision or "float32", int(links or 0))
-    check_precision(spec.precision, spec.dim, flag)
+    check_precision(spec.precision, flag)
     if links is not None and spec.hnsw < 2:
         raise UserError(f"{flag}: an HNSW graph needs at least 2 links per node, got {text!r}")
     if not 1 <= spec.dim <= (width or spec.dim):
