@@ -60,7 +60,7 @@ def kill_at_step(proc, log_path, step, timeout=300):
 
 def assert_same_tree(a, b, where=""):
     """Equal to the bit, all the way down: the same keys (dicts), lengths (lists, tuples), tensors (dtype, shape
-    and every element) and plain values."""
+    and every element), objects' attributes and plain values."""
     assert type(a) is type(b), (where, type(a), type(b))
     if isinstance(a, dict):
         assert set(a) == set(b), (where, sorted(map(str, set(a) ^ set(b))))
@@ -72,6 +72,8 @@ def assert_same_tree(a, b, where=""):
             assert_same_tree(x, y, f"{where}[{i}]")
     elif isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif hasattr(a, "__dict__") and type(a).__eq__ is object.__eq__:  # an object pickled whole (DeepSpeed's)
+        assert_same_tree(vars(a), vars(b), f"{where}.{type(a).__name__}")
     else:
         assert a == b, (where, a, b)
 
