@@ -55,14 +55,19 @@ def fmnist_data(tmp_path_factory):
     return made_once(tmp_path_factory, "fmnist", make)
 
 
+# trained_run's budget: 4 epochs of 2048 pairs at batch 64, 128 steps (tests/test_train.py trains a standard model
+# with the same flags)
+TRAINED_RUN_FLAGS = ["--batch-size", "64", "--epochs", "4", "--lr", "1e-3", "--warmup", "10", "--workers", "1",
+                     "--threads", "2", "--save-every-n-steps", "40"]
+
+
 @pytest.fixture(scope="session")
 def trained_run(fmnist_data, tmp_path_factory):
     """A tiny MRL model trained by the real CLI for a small budget (shared by the eval and interop tests)."""
     def make(logs):
         result = run_module("mrl_clip.train", "--model", TINY, "--train-data", fmnist_data["train"],
-                            "--dims", ",".join(map(str, TINY_DIMS)), "--batch-size", "64", "--epochs", "4",
-                            "--lr", "1e-3", "--warmup", "10", "--workers", "1", "--threads", "2",
-                            "--logs", logs, "--name", "tiny", "--save-every-n-steps", "40")
+                            "--dims", ",".join(map(str, TINY_DIMS)), *TRAINED_RUN_FLAGS, "--logs", logs,
+                            "--name", "tiny")
         assert result.returncode == 0, result.stderr[-3000:]
         run_dir = logs / "tiny"
         return {"dir": run_dir, "checkpoint": latest_checkpoint(run_dir / "checkpoints"),

@@ -6,7 +6,7 @@ import os
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mrl_clip.train.agree import RankAgreement
+from mrl_clip.train.agree import Agreed, RankAgreement
 from mrl_clip.train.preempt import PreemptionSignal
 
 from .test_distributed import free_port
@@ -41,9 +41,10 @@ def test_ranks_read_the_same_totals_one_step_late(tmp_path):
 
 
 def test_one_process_reads_its_own_numbers_at_once():
+    """Not one step late as with ranks: each exchange returns the numbers it was given, the first one included."""
     preemption = PreemptionSignal()
     agreement = RankAgreement(preemption, distributed=False)
-    assert agreement.exchange(2, 50) == agreement.exchange(2, 50)
+    assert agreement.exchange(2, 50) == Agreed(preempted=False, bad_samples=2, samples_read=50)
     preemption.received = True
     agreed = agreement.exchange(3, 60)
     assert (agreed.preempted, agreed.bad_samples, agreed.samples_read) == (True, 3, 60)

@@ -138,16 +138,42 @@ def test_zero_engine_cli_takes_the_plain_loops_first_step(ds_run, plain_first_st
     assert state["data"][0]["consumed"] == {0: 2 * STEPS * 32}
 
 
-def test_validation_under_zero2_leaves_the_weights_bitwise(ds_run, fmnist_data, tmp_path):
-    """ds_run again with --val-data (retrieval, every 2 steps, on rank 0 through the engine's module): the same
-    final weights to the bit."""
-    validated = train(fmnist_data, tmp_path, "ds", "--accum-freq", "2", "--deepspeed",
-                      ROOT / "configs" / "ds_zero2_fp32.json", "--val-data", fmnist_data["captions"],
-                      "--val-every-n-steps", "2")
-    records = [json.loads(line) for line in (validated / "log.jsonl").read_text().splitlines()]
+def deepspeed_state(run_dir, step=STEPS) -> dict:
+    """DeepSpeed's own checkpoint of a step: the module's weights and the client state (model states), and ZeRO's
+    optimizer partition (fp32 master weights, the base optimizer's moments and step, the loss scaler)."""
+    folder = run_dir / "checkpoints" / "deepspeed" / f"step_{step}"
+    model_states = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
+    optimizer_states = torch.load(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    return {"model": model_states, "optimizer": optimizer_states}
+
+
+def test_validation_under_zero2_leaves_the_weights_and_optimizer_bitwise(fmnist_data, tmp_path):
+    """ZeRO-2 through the real CLI, --accum-freq 2, with and without --val-data (retrieval every 2 steps, on rank 0
+    through the engine's module), on the patch-dropout ViT of tests/test_validate.py: its training draws from
+    torch's global RNG, so a validation that leaked an RNG draw or left the module in eval mode drops other patches
+    at the next step. DeepSpeed's whole checkpoint (weights, client state, ZeRO's fp32 partition and moments) is
+    the same to the bit; only the run's labels differ."""
+    from tests.test_reliability import RUN_LABELS, assert_same_tree
+    from tests.test_validate import DROPOUT_CONFIG, DROPOUT_MODEL
+    from tests.test_validate import train as train_with_configs
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / f"{DROPOUT_MODEL}.json").write_text(json.dumps(DROPOUT_CONFIG))
+    common = ["--max-steps", STEPS, "--save-every-n-steps", STEPS, "--accum-freq", "2",
+              "--deepspeed", ROOT / "configs" / "ds_zero2_fp32.json"]
+    runs = [train_with_configs(fmnist_data, tmp_path, name, *common, *extra, model=DROPOUT_MODEL, dims="16,64",
+                               configs=configs)
+            for name, extra in [("plain", []), ("val", ["--val-data", fmnist_data["captions"],
+                                                        "--val-every-n-steps", "2"])]]
+    records = [json.loads(line) for line in (runs[1] / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_dim" in r] == [2, STEPS]
-    for name, value in weights(ds_run).items():
-        assert torch.equal(weights(validated)[name], value), name
+    plain, validated = (deepspeed_state(run) for run in runs)
+    assert plain["optimizer"]["optimizer_state_dict"]["base_optimizer_state"]["state"]  # Adam's moments exist
+    for state in (plain, validated):
+        for key in RUN_LABELS:
+            state["model"].pop(key, None)
+    assert_same_tree(plain, validated)
 
 
 def test_deepspeed_run_writes_open_clip_checkpoints_and_converts(ds_run, tmp_path):

@@ -100,3 +100,76 @@ def test_checkpoints_and_exports_load_in_plain_open_clip_with_their_bias(plain_r
         assert state["logit_bias"].item() != -10.0  # trained
         config = json.loads((run_dir / "export" / "open_clip_config.json").read_text())["model_cfg"]
         assert config["init_logit_bias"] == -10.0 and np.isclose(config["init_logit_scale"], np.log(10))
+
+
+def test_resume_from_a_saved_step_ends_bitwise_equal_to_the_unbroken_run(plain_run, fmnist_data, tmp_path):
+    """The real CLI, --siglip: resumed from the unbroken run's step_2.pt, the run's step 4 (weights, logit_bias,
+    Adam's state, RNG and stream position) and its logged losses are the unbroken run's, to the bit."""
+    from tests.test_reliability import assert_same_training_state
+
+    resumed = train(fmnist_data, tmp_path, "resumed", "--siglip", "--accum-freq", "2", "--resume",
+                    plain_run / "checkpoints" / "step_2.pt")
+    assert [r["step"] for r in records(resumed)] == [3, 4]
+    assert losses(resumed) == losses(plain_run)[2:]
+    final = [torch.load(run / "checkpoints" / f"step_{STEPS}.pt", weights_only=True) for run in (plain_run, resumed)]
+    assert_same_training_state(*final)
+
+
+RANKS, BATCH = 2, 8  # per rank: two micro-batches of 4
+
+
+def rank_main(rank, port, out_dir):
+    """One trainer step (loop.train_step through a DDP PlainEngine, --accum-freq 2) on this rank's rows."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=RANKS)
+    torch.set_num_threads(1)
+    model = SigLipTowers()
+    engine = PlainEngine(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.amp.GradScaler(enabled=False),
+                         rank=rank, world_size=RANKS)
+    engine.distribute(torch.device("cpu"))
+    x, y = joined_batch()
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    micro = [(x[rows][i:i + BATCH // 2], y[rows][i:i + BATCH // 2]) for i in (0, BATCH // 2)]
+    result = train_step(engine, MatryoshkaSigLipLoss(DIMS, WEIGHTS, rank=rank, world_size=RANKS), micro)
+    torch.save({"loss": result.loss, "skipped": result.skipped,
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters()}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def joined_batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(RANKS * BATCH, 10, generator=g), torch.randn(RANKS * BATCH, 12, generator=g)
+
+
+def test_two_gloo_ranks_step_with_the_joined_batchs_gradient(tmp_path):
+    """--siglip on two gloo ranks through the trainer's step (DDP, accumulation of two micro-batches, the text
+    features exchanged between ranks): DDP's averaged gradient, logit_scale's and logit_bias's included, is the
+    float64 gradient of one process on the joined 16 pairs within the float32 bound of tests/numerics.py (N
+    counting the ranks' and micro-batches' terms); the ranks' mean loss is its loss within siglip_loss_tolerance
+    (each rank's own float32 total, and the float64 reference's rounding)."""
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+
+    mp.spawn(rank_main, args=(free_port(), str(tmp_path)), nprocs=RANKS, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(RANKS)]
+    x, y = joined_batch()
+    loss_fn = MatryoshkaSigLipLoss(DIMS, WEIGHTS)
+    grads, tolerances, info = numerics.reference(SigLipTowers(), (x, y), loss_fn, DIMS, WEIGHTS, ranks=RANKS,
+                                                 micro_batches=2, sigmoid=True)
+    for got in ranks:
+        assert not got["skipped"]
+        numerics.assert_gradients_within(got["grads"], grads, tolerances, "DDP rank")
+    exact = float(loss_fn(*SigLipTowers().double()(x.double(), y.double()))[0])
+    tolerance = (numerics.siglip_loss_tolerance(info["logit_scale"], info["logit_bias"], DIMS, WEIGHTS, BATCH,
+                                                texts=RANKS * BATCH) +
+                 numerics.siglip_loss_tolerance(info["logit_scale"], info["logit_bias"], DIMS, WEIGHTS,
+                                                RANKS * BATCH, u=numerics.U64))
+    mean_loss = sum(got["loss"] for got in ranks) / RANKS
+    assert abs(mean_loss - exact) <= tolerance, (mean_loss, exact, tolerance)

@@ -111,6 +111,12 @@ def parse_args(argv=None):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.workers < 0:
         raise UserError("--workers must be 0 or more")
+    for flag, ok, rule in [("--lr", args.lr > 0, "above 0"), ("--wd", args.wd >= 0, "0 or more"),
+                           ("--beta1", 0 <= args.beta1 < 1, "in [0, 1)"), ("--beta2", 0 <= args.beta2 < 1, "in [0, 1)"),
+                           ("--eps", args.eps > 0, "above 0"), ("--warmup", args.warmup >= 0, "0 or more"),
+                           ("--grad-clip-norm", args.grad_clip_norm is None or args.grad_clip_norm > 0, "above 0")]:
+        if not ok:  # NaN fails every rule
+            raise UserError(f"{flag} must be {rule}, got {getattr(args, flag[2:].replace('-', '_'))}")
     if not 0 <= args.max_bad_fraction <= 1:
         raise UserError(f"--max-bad-fraction must be between 0 and 1, got {args.max_bad_fraction}")
     if args.deepspeed and args.precision != "fp32":
