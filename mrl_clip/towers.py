@@ -19,9 +19,8 @@ The model configs (mrl_clip/model_configs):
   text tower all-MiniLM-L6-v2 through open_clip's HFTextEncoder with mean pooling, as sentence-transformers pools
   it. embed_dim 384 = MiniLM's hidden width: the text projection is square and loses nothing, and the image tower's
   1280 features are projected down to it; Matryoshka dims 12,24,48,96,192,384 (halvings from the full width down to
-  1/32). Preprocessing mean/std 0.5 as tf_efficientnet_lite0 was trained (carried as "preprocess_cfg" in the
-  config file, moved out of open_clip's registry by `import mrl_clip` and applied by mrl_clip.models.create; exports
-  carry it in open_clip_config.json). Image size 128: the image tower's forward+backward on 2 threads took 93, 114
+  1/32). Preprocessing mean/std 0.5 as tf_efficientnet_lite0 was trained (timm's pretrained_cfg of the tower,
+  applied by mrl_clip.models.create; exports carry it in open_clip_config.json). Image size 128: the image tower's forward+backward on 2 threads took 93, 114
   and 117 CPU-ms per image at 96, 112 and 128 px (a loaded 2-core machine, 16-image batches, median of 7): small
   inputs are overhead-bound, so 128 costs 1.26x of 96 for 1.78x the pixels the ImageNet features were trained
   nearer to. Context length 32 tokens: OpenMoji annotations tokenize to at most ~21 with [CLS] and [SEP]
