@@ -23,6 +23,7 @@ from mrl_clip.eval.report import render_table
 from mrl_clip.files import atomic_torch_save
 from mrl_clip.loss import MatryoshkaClipLoss
 from mrl_clip.train import deepspeed_engine
+from mrl_clip.train.convert_deepspeed import open_clip_checkpoint
 from mrl_clip.train.loop import train_step
 from mrl_clip.train.plain_engine import make_optimizer
 
@@ -64,7 +65,7 @@ def main():
             tag = deepspeed_engine.save(ds, ds_dir, step, {"step": step, "model": args.model}, keep=2)
             save_s.append(time.perf_counter() - start)
             start = time.perf_counter()
-            atomic_torch_save(deepspeed_engine.open_clip_checkpoint(ds_dir, tag), Path(tmp) / f"step_{step}.pt")
+            atomic_torch_save(open_clip_checkpoint(ds_dir, tag), Path(tmp) / f"step_{step}.pt")
             rebuild_s.append(time.perf_counter() - start)
     ratio = median_ratio(rebuild_s, save_s)
     gpu = json.loads((RESULTS / "trainer_throughput_cuda.json").read_text())

@@ -19,7 +19,7 @@ from common import fmnist_shards, machine, median_ratio, write_result
 from mrl_clip import models
 from mrl_clip.eval.report import default_dims, render_table
 from mrl_clip.loss import MatryoshkaClipLoss
-from mrl_clip.train.data import make_train_stream
+from mrl_clip.train.stream import StreamSettings, make_train_stream
 from mrl_clip.train.loop import train_step
 from mrl_clip.train.plain_engine import PlainEngine, make_optimizer
 
@@ -28,9 +28,10 @@ BATCH = 128
 
 
 def batches_forever(urls, samples, preprocess, tokenizer, workers):
+    settings = StreamSettings(urls, preprocess, tokenizer, BATCH, samples, workers=workers)
     epoch = 1
     while True:
-        yield from make_train_stream(urls, preprocess, tokenizer, BATCH, samples, epoch, workers=workers).loader
+        yield from make_train_stream(settings, epoch).loader
         epoch += 1
 
 

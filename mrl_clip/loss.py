@@ -1,5 +1,10 @@
 """Matryoshka contrastive losses: open_clip's CLIP loss, or its SigLIP loss, summed over nested prefixes of the
-embedding."""
+embedding.
+
+Both follow open_clip's loss contract: called as `loss(**model_out, output_dict=True)` they return
+{"loss_dim{m}": weighted term}, which open_clip_train's train_one_epoch sums into its total and logs term by term;
+without output_dict, (total, {m: loss at m, detached}), what mrl_clip.train's loop logs.
+"""
 from typing import Optional, Sequence
 
 import torch
@@ -34,10 +39,11 @@ class MatryoshkaClipLoss(ClipLoss):
         self.dims = check_dims(dims)
         self.weights = check_weights(weights, self.dims)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         """Unnormalised (or normalised: each prefix is re-normalised anyway) full-width features.
-        Returns (total, {dim: loss}) with the per-dim losses detached. `logit_bias` (a model with one) is added to
-        the logits as open_clip's ClipLoss does: softmax ignores it."""
+        Returns (total, {dim: loss}) with the per-dim losses detached, or with `output_dict` {"loss_dim{m}": weight x
+        loss at m} (their sum is the total). `logit_bias` (a model with one) is added to the logits as open_clip's
+        ClipLoss does: softmax ignores it."""
         check_width(self.dims, image_features)
         if self.world_size > 1:
             all_image, all_text = gather_features(
@@ -49,7 +55,7 @@ class MatryoshkaClipLoss(ClipLoss):
                                        self.world_size == 1 else all_image.shape[0])
 
         total = 0.0
-        per_dim = {}
+        per_dim, terms = {}, {}
         for m, weight in zip(self.dims, self.weights):
             img_all, txt_all = F.normalize(all_image[:, :m], dim=-1), F.normalize(all_text[:, :m], dim=-1)
             if self.world_size > 1 and self.local_loss:
@@ -62,9 +68,9 @@ class MatryoshkaClipLoss(ClipLoss):
             if logit_bias is not None:
                 logits_per_image, logits_per_text = logits_per_image + logit_bias, logits_per_text + logit_bias
             loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-            per_dim[m] = loss.detach()
-            total = total + weight * loss
-        return total, per_dim
+            per_dim[m], terms[f"loss_dim{m}"] = loss.detach(), weight * loss
+            total = total + terms[f"loss_dim{m}"]
+        return terms if output_dict else (total, per_dim)
 
 
 class MatryoshkaSigLipLoss(SigLipLoss):
@@ -86,21 +92,25 @@ class MatryoshkaSigLipLoss(SigLipLoss):
         self.dims = check_dims(dims)
         self.weights = check_weights(weights, self.dims)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias):
-        """Full-width features (normalised or not). Returns (total, {dim: loss}), the per-dim losses detached."""
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        """Full-width features (normalised or not). Returns (total, {dim: loss}), the per-dim losses detached, or
+        with `output_dict` {"loss_dim{m}": weight x loss at m} (their sum is the total; the first term carries the
+        exchange's tie)."""
         check_width(self.dims, image_features)
         others, tie = self.exchange(text_features)
         total = tie
-        per_dim = {}
+        per_dim, terms = {}, {}
         for m, weight in zip(self.dims, self.weights):
             img, txt = F.normalize(image_features[:, :m], dim=-1), F.normalize(text_features[:, :m], dim=-1)
             loss = self._loss(img, txt, logit_scale, logit_bias)
             for other in others:
                 loss = loss + self._loss(img, F.normalize(other[:, :m], dim=-1), logit_scale, logit_bias,
                                          negative_only=True)
-            per_dim[m] = loss.detach()
-            total = total + weight * loss
-        return total, per_dim
+            per_dim[m], terms[f"loss_dim{m}"] = loss.detach(), weight * loss
+            total = total + terms[f"loss_dim{m}"]
+        first = f"loss_dim{self.dims[0]}"
+        terms[first] = tie + terms[first]
+        return terms if output_dict else (total, per_dim)
 
     def exchange(self, text_features) -> tuple:
         """(the other ranks' text features, received as open_clip's SigLipLoss.forward receives them for its

@@ -8,7 +8,7 @@ from typing import Optional
 
 import open_clip
 
-from . import MODEL_CONFIG_DIR, PREPROCESS_CFGS, split_preprocess_cfgs
+from . import MODEL_CONFIG_DIR
 from .checkpoint import load_checkpoint_file, refused_pickle
 from .errors import UserError
 
@@ -45,6 +45,20 @@ def training_config(name: str, siglip: bool = False) -> dict:
 
 def embed_width(name: str) -> int:
     return int(model_config(name)["embed_dim"])
+
+
+def timm_preprocess(name: str, cfg: dict) -> dict:
+    """image_mean / image_std / image_interpolation for one of our configs with a timm image tower: timm's
+    pretrained_cfg of that tower (what its ImageNet weights were trained with; the trunk's own pretrained_cfg).
+    None of these for other names: open_clip's pretrained tags and local-dir: configs bring their own."""
+    timm_name = cfg.get("vision_cfg", {}).get("timm_model_name")
+    if not timm_name or not (MODEL_CONFIG_DIR / f"{name}.json").is_file():
+        return {}
+    import timm
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(timm_name)
+    return {"image_mean": pretrained_cfg.mean, "image_std": pretrained_cfg.std,
+            "image_interpolation": pretrained_cfg.interpolation}
 
 
 def hub_names(cfg: dict, pretrained_image: bool) -> list[str]:
@@ -85,12 +99,10 @@ def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", pre
     if pretrained and local_dir(name) is None:
         if not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise UserError(f"checkpoint not found: {pretrained}")
-    split_preprocess_cfgs()
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, precision=precision, pretrained_image=pretrained_image,
-            **{f"image_{key}": value for key, value in PREPROCESS_CFGS.get(name, {}).items()},
-            **(SIGLIP_MODEL_KWARGS if siglip else {}))
+            **timm_preprocess(name, cfg), **(SIGLIP_MODEL_KWARGS if siglip else {}))
         tokenizer = open_clip.get_tokenizer(name)
     except pickle.UnpicklingError:  # open_clip loads with weights_only=True
         raise UserError(refused_pickle(pretrained)) from None

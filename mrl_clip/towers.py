@@ -19,13 +19,12 @@ The model configs (mrl_clip/model_configs):
   text tower all-MiniLM-L6-v2 through open_clip's HFTextEncoder with mean pooling, as sentence-transformers pools
   it. embed_dim 384 = MiniLM's hidden width: the text projection is square and loses nothing, and the image tower's
   1280 features are projected down to it; Matryoshka dims 12,24,48,96,192,384 (halvings from the full width down to
-  1/32). Preprocessing mean/std 0.5 as tf_efficientnet_lite0 was trained (carried as "preprocess_cfg" in the
-  config file, moved out of open_clip's registry by `import mrl_clip` and applied by mrl_clip.models.create; exports
-  carry it in open_clip_config.json). Image size 128: on a CPU small inputs are overhead-bound, so 128 px costs
-  little more than 96 for nearly twice the pixels, nearer to the size the ImageNet features were trained at
-  (measured: benchmarks/README.md). Context length 32 tokens: OpenMoji annotations tokenize to at most ~21 with
-  [CLS] and [SEP] ("couple with heart: woman, man, medium-light skin tone, medium-dark skin tone"); longer captions
-  are truncated.
+  1/32). Preprocessing mean/std 0.5 as tf_efficientnet_lite0 was trained (timm's pretrained_cfg of the tower,
+  applied by mrl_clip.models.create; exports carry it in open_clip_config.json). Image size 128: on a CPU small
+  inputs are overhead-bound, so 128 px costs little more than 96 for nearly twice the pixels, nearer to the size the
+  ImageNet features were trained at (measured: benchmarks/README.md). Context length 32 tokens: OpenMoji
+  annotations tokenize to at most ~21 with [CLS] and [SEP] ("couple with heart: woman, man, medium-light skin tone,
+  medium-dark skin tone"); longer captions are truncated.
 - ALIGN-B3-BERT-640: the cluster recipe in ALIGN's shape (Jia et al. 2021: EfficientNet image tower, BERT-base
   text tower with its [CLS] output, 640-d embedding). EfficientNet-B3 rather than ALIGN's B7 keeps it trainable on
   a few GPUs; both towers' weights come from the hub (`timm/tf_efficientnet_b3.in1k`, `bert-base-uncased`).

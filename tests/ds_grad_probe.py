@@ -20,8 +20,8 @@ from open_clip_train.distributed import init_distributed_device_so
 from mrl_clip import models
 from mrl_clip.loss import MatryoshkaClipLoss
 from mrl_clip.train import deepspeed_engine as ds_engine
+from mrl_clip.train.engine import LOGIT_SCALE_MAX
 from mrl_clip.train.loop import train_step
-from mrl_clip.train.plain_engine import LOGIT_SCALE_MAX
 
 DIMS = [8, 32, 256]
 BATCH = 8  # per rank

@@ -1,6 +1,7 @@
 """One process, one DeepSpeed engine at the ZeRO stage given: loop.train_step on a batch whose gradient is made
 NaN (a hook on one weight) must skip the step and leave every fp32 master weight as it was; the next step, with
-the hook removed, must update them. Prints what happened as JSON (tests/test_deepspeed.py runs it)."""
+the hook removed, must update them. The engine is checked against the Engine protocol too. Prints what happened
+as JSON (tests/test_deepspeed_step.py runs it)."""
 import json
 import sys
 
@@ -10,6 +11,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from mrl_clip import models
 from mrl_clip.loss import MatryoshkaClipLoss
 from mrl_clip.train import deepspeed_engine
+from mrl_clip.train.engine import Engine
 from mrl_clip.train.loop import train_step
 
 BATCH = 8
@@ -43,7 +45,7 @@ def main(stage: int) -> dict:
             "unchanged_after_skip": [n for n in before if not torch.equal(before[n], after_skip[n])] == [],
             "changed_by_next_step": sorted(n for n in before if not torch.equal(after_skip[n], after_step[n])),
             "finite": all(bool(torch.isfinite(w).all()) for w in after_step.values()),
-            "parameters": sorted(before)}
+            "parameters": sorted(before), "is_engine": isinstance(engine, Engine)}
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ import webdataset as wds
 from PIL import Image
 
 from mrl_clip.errors import UserError
-from mrl_clip.train.data import (
-    StreamPosition,
+from mrl_clip.train.position import StreamPosition
+from mrl_clip.train.shards import count_samples, resolve_shards
+from mrl_clip.train.stream import (
+    StreamSettings,
     batches_per_epoch,
     batches_per_worker_done,
-    count_samples,
     make_train_stream,
     rank_shards,
-    resolve_shards,
 )
 from pipelines.shards import write_shards
 
@@ -28,8 +28,9 @@ def preprocess_and_tokenizer():
     return preprocess, open_clip.get_tokenizer(TINY)
 
 
-def stream(pattern, num_samples, batch_size=32, **kw):
-    return make_train_stream(pattern, *preprocess_and_tokenizer(), batch_size, num_samples, epoch=0, **kw)
+def stream(pattern, num_samples, batch_size=32, epoch=0, skip_batches=0, consumed=None, bad=None, **settings):
+    return make_train_stream(StreamSettings(pattern, *preprocess_and_tokenizer(), batch_size, num_samples, **settings),
+                             epoch, skip_batches, consumed, bad)
 
 
 def test_shards_have_sizes_and_captions(fmnist_data):
@@ -152,8 +153,7 @@ def test_resume_from_a_stream_position_continues_bitwise(resampled, tmp_path):
         assert (r1["worker"], r1["consumed"], r1["bad"], r1["new_bad"]) == \
             (r2["worker"], r2["consumed"], r2["bad"], r2["new_bad"])
     # the augmentations are random (a crop differs between epochs), only seeded
-    other_epoch = next(iter(make_train_stream(pattern, *preprocess_and_tokenizer(), 8, 160, epoch=1, seed=5,
-                                              workers=0).loader))
+    other_epoch = next(iter(stream(pattern, 160, batch_size=8, epoch=1, seed=5, workers=0).loader))
     first = next(iter(stream(pattern, 160, batch_size=8, seed=5, workers=0).loader))
     assert not torch.equal(first[0], other_epoch[0])
 

@@ -37,6 +37,7 @@ def test_a_non_finite_gradient_is_skipped_by_zero_2_and_3(stage):
     assert result["loss_finite"] and result["skipped"] == [True, False], result
     assert result["unchanged_after_skip"] and result["finite"], result
     assert result["changed_by_next_step"] == result["parameters"], result
+    assert result["is_engine"]  # a real DeepSpeedEngine satisfies the trainer's Engine protocol
 
 
 def test_a_non_finite_gradient_is_skipped_by_the_plain_engine():

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mrl_clip.errors import UserError
-from mrl_clip.train.data import make_train_stream
+from mrl_clip.train.stream import StreamSettings, make_train_stream
 from pipelines import captions_to_shards
 
 from .conftest import TINY
@@ -126,8 +126,8 @@ def test_shard_reader_survives_random_and_malformed_shards(shards, preprocess_an
             write_shard(path, *spec)
         good = good_samples(paths)
         pattern = f"{folder}/f-{{0000..{len(shards) - 1:04d}}}.tar"
-        loader = make_train_stream(pattern, *preprocess_and_tokenizer, batch_size=2, num_samples=4, epoch=0,
-                                   workers=0).loader
+        loader = make_train_stream(StreamSettings(pattern, *preprocess_and_tokenizer, batch_size=2, num_samples=4,
+                                                  workers=0), epoch=0).loader
         batches = list(loader)
     # 2 batches of 2 make the epoch; a pass over the shards yields (good samples) // 2 full batches and is repeated
     # while it yields any, so: 2 batches when a pass holds 2 good samples, none when it does not

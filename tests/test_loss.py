@@ -1,12 +1,24 @@
+import argparse
+import copy
+import logging
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
+from open_clip_train.data import DataInfo
+from open_clip_train.train import train_one_epoch
 
+from mrl_clip import models
 from mrl_clip.errors import UserError
 from mrl_clip.loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
+from mrl_clip.train.loop import train_step
+from mrl_clip.train.plain_engine import PlainEngine, make_optimizer
+from mrl_clip.train.stream import StreamSettings, make_train_stream
 from tests import numerics
+
+from .conftest import TINY
 
 
 def features(n=16, d=64, dtype=torch.float32, seed=0):
@@ -190,3 +202,56 @@ def test_clip_loss_takes_a_logit_bias_as_open_clip_clip_loss_does(dtype, u):
     reference = ClipLoss()(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale, bias)
     tolerance = 2 * numerics.loss_tolerance(14.3, [64], [1.0], 16, u, feature_error=(24.3 / 14.3) * u)
     assert abs(float(ours) - float(reference)) <= tolerance
+
+
+class OneBatchLoader(list):
+    """What open_clip_train's train_one_epoch reads of a DataInfo's dataloader: its batches and their counts."""
+
+    def __init__(self, batches, batch_size):
+        super().__init__(batches)
+        self.num_batches, self.num_samples = len(batches), len(batches) * batch_size
+
+
+@pytest.mark.parametrize("siglip", [False, True], ids=["clip", "siglip"])
+def test_open_clip_train_loop_sums_and_logs_our_terms_and_steps_as_ours(siglip, fmnist_data, caplog):
+    """open_clip_train's own train_one_epoch, one step of MRL-Tiny-28 on real Fashion-MNIST pairs with our loss
+    (output_dict=True: it sums the terms and logs each), against mrl_clip.train's step (the tuple return) from the
+    same weights: the terms it logs are our weighted per-dim losses, and both steps leave the same weights. Both
+    run the same operations in the same order (forward, the terms summed from 0, one backward, AdamW), so the
+    floats are equal, not close."""
+    dims, weights, batch = [8, 32, 256], [1.0, 0.5, 2.0], 16
+    torch.manual_seed(0)
+    model, preprocess, _, tokenizer = models.create(TINY, siglip=siglip)
+    images, texts, _ = next(iter(make_train_stream(
+        StreamSettings(str(fmnist_data["train"]), preprocess, tokenizer, batch, batch, workers=0), epoch=0).loader))
+    loss_class = MatryoshkaSigLipLoss if siglip else MatryoshkaClipLoss
+    theirs, ours = copy.deepcopy(model), copy.deepcopy(model)
+    theirs.output_dict = True  # as open_clip_train creates its model
+
+    with torch.no_grad():
+        out = theirs(images, texts)
+        terms = loss_class(dims, weights)(**out, output_dict=True)
+        total, per_dim = loss_class(dims, weights)(out["image_features"], out["text_features"], out["logit_scale"],
+                                                   *([out["logit_bias"]] if siglip else []))
+    assert list(terms) == [f"loss_dim{m}" for m in dims]
+    assert all(float(terms[f"loss_dim{m}"]) == float(w * per_dim[m]) for m, w in zip(dims, weights))
+    assert float(sum(terms.values())) == float(total)
+
+    args = argparse.Namespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=True,
+                              horovod=False, grad_clip_norm=None, rank=0, local_rank=0, world_size=1,
+                              batch_size=batch, log_every_n_steps=1, wandb=False)
+    their_optimizer = make_optimizer(theirs, 1e-3, 0.2, (0.9, 0.98), 1e-6)
+    caplog.set_level(logging.INFO)
+    torch.manual_seed(1)
+    train_one_epoch(theirs, {"train": DataInfo(OneBatchLoader([(images, texts)], batch))}, loss_class(dims, weights),
+                    0, their_optimizer, None, None, None, args)
+    logged = caplog.text
+    assert all(f"Loss_dim{m}: {float(terms[f'loss_dim{m}']):#.5g}" in logged for m in dims), logged
+    assert f"Loss: {float(total):#.5g}" in logged, logged
+
+    engine = PlainEngine(ours, make_optimizer(ours, 1e-3, 0.2, (0.9, 0.98), 1e-6),
+                         torch.amp.GradScaler(enabled=False))
+    torch.manual_seed(1)
+    assert not train_step(engine, loss_class(dims, weights), [(images, texts)]).skipped
+    for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), name

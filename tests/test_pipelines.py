@@ -4,7 +4,7 @@ import json
 import webdataset as wds
 from PIL import Image
 
-from mrl_clip.train.data import resolve_shards
+from mrl_clip.train.shards import resolve_shards
 
 from .conftest import run_module
 

@@ -75,11 +75,20 @@ def test_text_tower_pooled_output_equals_transformers_mean_pooling(towers_here):
 
 
 def test_align_preprocessing_is_lite0s(towers_here):
-    _, train, val, _ = models.create(ALIGN)
+    """Normalised as timm's pretrained_cfg of the image tower says (tf_efficientnet_lite0: mean and std 0.5);
+    plain open_clip builds the same config (with its own default normalisation)."""
+    import open_clip
+
+    model, train, val, _ = models.create(ALIGN)
+    timm_cfg = model.visual.trunk.pretrained_cfg
+    assert list(timm_cfg["mean"]) == [0.5] * 3 and list(timm_cfg["std"]) == [0.5] * 3
     for transform in (train, val):
         normalize = [t for t in transform.transforms if type(t).__name__ == "Normalize"][0]
-        assert list(normalize.mean) == [0.5] * 3 and list(normalize.std) == [0.5] * 3
+        assert list(normalize.mean) == list(timm_cfg["mean"]) and list(normalize.std) == list(timm_cfg["std"])
+    assert model.visual.preprocess_cfg["interpolation"] == timm_cfg["interpolation"] == "bicubic"
     assert models.model_config(ALIGN)["vision_cfg"]["image_size"] == 128
+    plain = open_clip.create_model(ALIGN)
+    assert plain.state_dict().keys() == model.state_dict().keys()
 
 
 def test_install_is_idempotent_and_an_interrupted_one_never_looks_installed(towers_cache, tmp_path, monkeypatch):

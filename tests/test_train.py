@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mrl_clip import models
 from mrl_clip.checkpoint import latest_checkpoint
 from mrl_clip.eval.zeroshot import evaluate_zeroshot, load_classification_folder
 from mrl_clip.loss import MatryoshkaClipLoss
 from mrl_clip.train.loop import train_step
-from mrl_clip.train.plain_engine import PlainEngine
+from mrl_clip.train.plain_engine import PlainEngine, make_optimizer
 
 from . import numerics
 from .conftest import TINY, TINY_DIMS, TRAINED_RUN_FLAGS, run_module
@@ -347,3 +348,24 @@ def test_amp_first_step_loss_is_the_fp32_loss_within_the_rounding_bound(fp32_fir
     bound = (numerics.LAMBDA * (u + 2 * numerics.U32) * ref["sensitivity"] +
              2 * numerics.loss_tolerance(ref["scale"], TINY_DIMS, [1.0] * len(TINY_DIMS), 32))
     assert abs(first_step_loss(ref["model"], ref["batch"], precision) - ref["loss"]) <= bound, bound
+
+
+def open_clip_train_split(model) -> list:
+    """open_clip_train main()'s weight-decay rule, restated (it is inline there): no decay on parameters with
+    ndim < 2 or a name holding bn, ln, bias or logit_scale; (excluded, decayed), trainable parameters only."""
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [[p for n, p in named if exclude(n, p)], [p for n, p in named if not exclude(n, p)]]
+
+
+@pytest.mark.parametrize("name,siglip", [(TINY, False), (TINY, True), ("ALIGN-Lite0-MiniLM-384", False)])
+def test_weight_decay_split_is_open_clip_trains(name, siglip, request):
+    """make_optimizer's groups (timm's param_groups_weight_decay) hold the parameters open_clip_train's rule
+    puts in each, in the same order (the optimizer state's indices), on our models."""
+    if name != TINY:
+        request.getfixturevalue("towers_here")
+    model = models.create(name, siglip=siglip)[0]
+    optimizer = make_optimizer(model, 1e-3, 0.2, (0.9, 0.98), 1e-6)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.0, 0.2]
+    ours = [[id(p) for p in group["params"]] for group in optimizer.param_groups]
+    assert ours == [[id(p) for p in group] for group in open_clip_train_split(model)]

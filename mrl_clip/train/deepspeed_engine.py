@@ -1,4 +1,5 @@
-"""The DeepSpeed path of mrl_clip.train: config, the engine's part of loop.train_step, checkpoints and fp32 export.
+"""The DeepSpeed engine of mrl_clip.train: its config, its part of loop.train_step, and its checkpoints (the fp32
+open_clip export from them is convert_deepspeed's).
 
 What the engine needs that plain DDP does not, and why:
 - open_clip's `logit_scale` (and a SigLIP model's `logit_bias`) is a 0-dim parameter; `deepspeed.initialize`
@@ -14,23 +15,19 @@ What the engine needs that plain DDP does not, and why:
 import json
 import logging
 import os
-import re
 import socket
-from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import prune_checkpoints, step_checkpoints
+from ..checkpoint import prune_checkpoints
 from ..errors import UserError
-from ..files import atomic_torch_save, atomic_write
-from .plain_engine import LOGIT_SCALE_MAX, RUN_STATE_KEYS, check_locks, check_siglip
-
-TAG_PREFIX = "step_"
-SCALARS = ("logit_scale", "logit_bias")  # open_clip's 0-dim parameters, trained as [1] by the engine
-STEP_TAG = re.compile(r"^step_(\d+)$")
+from ..files import atomic_write
+from .convert_deepspeed import SCALARS, STEP_TAG, client_state, latest_tag, step_tag, write_open_clip_checkpoint
+from .engine import LOGIT_SCALE_MAX, RunState
 
 
 def load_config(path, batch_size: int, accum_freq: int, world_size: int, grad_clip_norm) -> dict:
@@ -86,15 +83,6 @@ def vector_logit_scale(model) -> None:
             setattr(model, name, torch.nn.Parameter(getattr(model, name).detach().reshape(1)))
 
 
-def open_clip_state_dict(state_dict: dict) -> dict:
-    """Engine weights → open_clip's layout: 0-dim logit_scale (and logit_bias), fp32, on the CPU."""
-    out = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in state_dict.items()}
-    for name in SCALARS:
-        if name in out:
-            out[name] = out[name].reshape(())
-    return out
-
-
 def initialize(model, optimizer, config: dict):
     """`model` must already carry the [1]-shaped logit_scale (vector_logit_scale, before its optimizer is made)."""
     import deepspeed
@@ -131,26 +119,11 @@ def clamp_logit_scale(engine, max_value: float = LOGIT_SCALE_MAX) -> None:
         working.clamp_(0, max_value)
 
 
-def step_tag(step: int) -> str:
-    return f"{TAG_PREFIX}{step}"
-
-
-def latest_tag(ds_dir: Path):
-    pointer = Path(ds_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if tag and (Path(ds_dir) / tag).is_dir() else None
-
-
-def step_tags(ds_dir: Path) -> list[tuple[int, Path]]:
-    return [(step, path) for step, path in step_checkpoints(ds_dir, STEP_TAG) if path.is_dir()]
-
-
-def save(engine, ds_dir: Path, step: int, client_state: dict, keep: int) -> str:
-    """Every rank writes its part; then rank 0 points `latest` at it (atomically) and prunes old tags."""
+def save(engine, ds_dir: Path, step: int, record: dict, keep: int) -> str:
+    """Every rank writes its part, with `record` as its client state; then rank 0 points `latest` at it
+    (atomically) and prunes old tags."""
     tag = step_tag(step)
-    engine.save_checkpoint(str(ds_dir), tag=tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(ds_dir), tag=tag, client_state=record, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
         atomic_write(Path(ds_dir) / "latest", lambda tmp: Path(tmp).write_text(tag))
@@ -159,59 +132,10 @@ def save(engine, ds_dir: Path, step: int, client_state: dict, keep: int) -> str:
     return tag
 
 
-def load(engine, ds_dir: Path, tag: str) -> dict:
-    load_path, client_state = engine.load_checkpoint(str(ds_dir), tag=tag)
+def load(engine, ds_dir: Path, tag: str) -> None:
+    load_path, _ = engine.load_checkpoint(str(ds_dir), tag=tag)
     if load_path is None:
         raise UserError(f"DeepSpeed checkpoint {Path(ds_dir) / tag} could not be loaded")
-    return client_state or {}
-
-
-def client_state(ds_dir: Path, tag: str) -> dict:
-    """What mrl_clip.train stored beside the weights (step, epoch, model, dims, ...), read without pickle."""
-    folder = Path(ds_dir) / tag
-    # ZeRO-1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_R_mp_rank_00_model_states.pt per rank
-    candidates = [folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        raise UserError(f"not a DeepSpeed checkpoint folder (no mp_rank_00_model_states.pt): {folder}")
-    states = torch.load(path, map_location="cpu", weights_only=True)
-    keys = ("step", "epoch", "name", "model", "dims", "dim_weights", "world_size", "seed", "locks", "siglip")
-    return {k: states[k] for k in keys if k in states}
-
-
-def open_clip_checkpoint(ds_dir: Path, tag: str) -> dict:
-    """An open_clip checkpoint (fp32 weights, no optimizer) from a DeepSpeed checkpoint of mrl_clip.train."""
-    return {**client_state(ds_dir, tag), "state_dict": fp32_state_dict(ds_dir, tag), "deepspeed": tag}
-
-
-def write_open_clip_checkpoint(ds_dir: Path, tag: str, path: Path) -> tuple[dict, object]:
-    """(checkpoint, model): open_clip_checkpoint of `tag` written atomically to `path`, and the open_clip model it
-    names, holding those weights."""
-    from .. import models
-
-    checkpoint = open_clip_checkpoint(ds_dir, tag)
-    if "model" not in checkpoint:
-        raise UserError(f"{Path(ds_dir) / tag} was not written by mrl_clip.train (no model name in it)")
-    atomic_torch_save(checkpoint, path)
-    model = models.create(checkpoint["model"], siglip=checkpoint.get("siglip", False))[0]
-    model.load_state_dict(checkpoint["state_dict"])
-    return checkpoint, model
-
-
-def fp32_state_dict(ds_dir: Path, tag: str) -> dict:
-    """open_clip's fp32 state dict rebuilt from a DeepSpeed checkpoint folder (any ZeRO stage, any world size)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with quiet_stdout():
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    return open_clip_state_dict(state_dict)
-
-
-@contextmanager
-def quiet_stdout():
-    """zero_to_fp32 prints its progress on every save; errors still raise."""
-    with open(os.devnull, "w") as devnull, redirect_stdout(devnull), redirect_stderr(devnull):
-        yield
 
 
 class CastImages:
@@ -275,35 +199,33 @@ class DeepSpeedEngine:
         clamp_logit_scale(self.engine)
         return True
 
-    def save_checkpoint(self, checkpoint_dir: Path, step: int, payload: dict, keep: int) -> None:
+    def save_checkpoint(self, checkpoint_dir: Path, state: RunState, keep: int) -> None:
         """Every rank writes its part of checkpoint_dir/deepspeed/step_N (the open_clip-format step_N.pt comes at
         the end only: export_model)."""
-        save(self.engine, Path(checkpoint_dir) / "deepspeed", step, payload, keep)
+        save(self.engine, Path(checkpoint_dir) / "deepspeed", state.step, state.to_dict(), keep)
 
     def last_checkpoint(self, checkpoint_dir: Path) -> Optional[Path]:
         tag = latest_tag(Path(checkpoint_dir) / "deepspeed")
         return Path(checkpoint_dir) / "deepspeed" / tag if tag else None
 
-    def resume(self, resume: Optional[str], checkpoint_dir: Path, dims: list, model_name: str,
-               locks: str = "", siglip: bool = False) -> tuple:
-        """(step, run state, False: DeepSpeed keeps no RNG state) from --resume: 'latest' (DeepSpeed's newest
-        complete checkpoint of this run; none yet: a fresh start) or a checkpoint folder RUN/checkpoints/deepspeed/
-        step_N."""
+    def load_checkpoint(self, resume: Optional[str], checkpoint_dir: Path, run: RunState) -> tuple:
+        """(the state resumed from, False: DeepSpeed keeps no RNG state) from --resume: 'latest' (DeepSpeed's
+        newest complete checkpoint of this run; none yet: a fresh start) or a checkpoint folder
+        RUN/checkpoints/deepspeed/step_N."""
         if resume is None:
-            return 0, {}, False
+            return None, False
         if resume == "latest":
             folder = self.last_checkpoint(checkpoint_dir)
             if folder is None:
-                return 0, {}, False
+                return None, False
         else:
             folder = Path(resume)
-        saved = client_state(folder.parent, folder.name)
-        check_locks(folder, saved.get("locks", ""), locks)
-        check_siglip(folder, saved.get("siglip", False), siglip)
-        state = load(self.engine, folder.parent, folder.name)
-        if state.get("dims") not in (None, dims):
-            raise UserError(f"{folder} was trained with --dims {state['dims']}, not {dims}")
-        return int(state["step"]), {k: state[k] for k in RUN_STATE_KEYS if k in state}, False
+        saved = client_state(folder.parent, folder.name)  # checked before DeepSpeed unpickles anything
+        if saved.siglip is None:
+            saved.siglip = False
+        run.check_resumes(folder, saved)
+        load(self.engine, folder.parent, folder.name)
+        return saved, False
 
     def export_model(self, checkpoint_dir: Path, step: int):
         """Rank 0, after the last save: the fp32 weights rebuilt from DeepSpeed's checkpoint, written as

@@ -1,9 +1,10 @@
 """One optimizer step and one epoch of mrl_clip.train, the same for both engines.
 
 An engine is what differs between plain PyTorch (DDP or one process) and DeepSpeed: how a forward is run, how a
-loss is back-propagated, how the optimizer steps, and the checkpoint format: plain_engine.PlainEngine and
-deepspeed_engine.DeepSpeedEngine. Everything else — accumulation, the loss, skipping non-finite steps, logging,
-the guards, when to checkpoint and validate, pre-emption — is written once, here.
+loss is back-propagated, how the optimizer steps, and the checkpoint format (engine.Engine names the calls;
+plain_engine.PlainEngine and deepspeed_engine.DeepSpeedEngine make them). Everything else — accumulation, the loss,
+skipping non-finite steps, logging, the guards, when to checkpoint and validate, pre-emption — is written once,
+here.
 """
 import json
 import sys
@@ -19,8 +20,10 @@ import torch.distributed as dist
 
 from ..errors import UserError
 from .agree import RankAgreement
-from .data import StreamPosition, make_train_stream
+from .engine import Engine, RunState
 from .guards import BAD_FRACTION_MIN_SAMPLES, NonFiniteSteps, check_bad_fraction, log_bad_samples
+from .position import StreamPosition, gather_positions
+from .stream import StreamSettings, make_train_stream
 from .tensorboard_log import write_train
 from .validate import Validation, validate_if_due
 
@@ -42,7 +45,7 @@ def all_ranks_finite(loss) -> bool:
     return bool(finite.item())
 
 
-def train_step(engine, loss_fn, batches: list, autocast: Callable = nullcontext) -> StepResult:
+def train_step(engine: Engine, loss_fn, batches: list, autocast: Callable = nullcontext) -> StepResult:
     """One optimizer step over `batches` ([(images, texts)], --accum-freq of them). With several, open_clip's
     scheme: every batch's features are computed without gradients first, then each batch is re-encoded with
     gradients and the loss sees all batches' features, so the gradient is that of one batch of all their samples.
@@ -85,19 +88,18 @@ def train_step(engine, loss_fn, batches: list, autocast: Callable = nullcontext)
 class Run:
     """What one training run carries from step to step (made by main.py)."""
     args: object                    # the parsed flags, with rank, world_size and device set
-    engine: object                  # PlainEngine or DeepSpeedEngine
+    engine: Engine                  # PlainEngine or DeepSpeedEngine
     loss_fn: Callable
     autocast: Callable
     schedule: Callable              # step -> lr (sets it on the optimizer)
-    preprocess: Callable
-    tokenizer: Callable
+    stream: StreamSettings          # the training data, each epoch's stream made from it
+    tokenizer: Callable             # validation's
     steps_per_epoch: int
     total_steps: int
     run_dir: Path
     position: StreamPosition        # this rank's place in the data stream
     nonfinite: NonFiniteSteps
     agreement: RankAgreement        # pre-emption and bad-data totals, alike on every rank
-    save: Callable                  # save(run): a checkpoint at run.step
     step: int = 0
     log_file: Optional[object] = None
     progress: Optional[object] = None
@@ -115,15 +117,12 @@ class Run:
 def epoch_batches(run: Run, epoch: int, done_steps: int):
     """The loader of `epoch`, continued after `done_steps` of its optimizer steps (exactly where they stopped
     when the checkpoint holds this layout's stream position; else by batch count)."""
-    args, position = run.args, run.position
-    done_batches = done_steps * args.accum_freq
+    position = run.position
+    done_batches = done_steps * run.stream.accum_freq
     position.start_epoch(epoch)
     resumed = position.batches == done_batches > 0
-    stream = make_train_stream(
-        args.train_data, run.preprocess, run.tokenizer, args.batch_size, args.train_num_samples, epoch,
-        seed=args.seed, workers=args.workers, rank=args.rank, world_size=args.world_size,
-        resampled=args.dataset_resampled, accum_freq=args.accum_freq, skip_batches=done_batches,
-        consumed=position.consumed if resumed else None, bad=position.bad if resumed else None)
+    stream = make_train_stream(run.stream, epoch, skip_batches=done_batches,
+                               consumed=position.consumed if resumed else None, bad=position.bad if resumed else None)
     position.batches = done_batches
     return iter(stream.loader)
 
@@ -161,7 +160,7 @@ def after_step(run: Run) -> bool:
     """Pre-emption, the guards, validation and the periodic checkpoint. False when pre-empted."""
     agreed = run.agreement.exchange(run.position.bad_samples, run.position.samples_read)
     if agreed.preempted and run.step < run.total_steps:
-        run.save(run)
+        save(run)
         if run.args.rank == 0:
             print(f"pre-empted: checkpoint at step {run.step} of {run.total_steps}; resume with --resume latest",
                   file=sys.stderr)
@@ -177,8 +176,24 @@ def after_step(run: Run) -> bool:
     validate_if_due(run)  # before the checkpoint: one taken at a step validated there already
     # not inside a run of skipped steps: the newest checkpoint stays one taken after a finite step
     if run.step % run.args.save_every_n_steps == 0 and run.step < run.total_steps and run.nonfinite.in_row == 0:
-        run.save(run)
+        save(run)
     return True
+
+
+def run_state(run: Run) -> RunState:
+    """The run's state at run.step: every rank's stream position (a collective under DDP), the skipped-step
+    count and the last step validated."""
+    args = run.args
+    return RunState.of_args(args, run.step, epoch=run.step // run.steps_per_epoch,
+                            data=gather_positions(run.position, args.distributed, args.world_size),
+                            nonfinite=run.nonfinite.state_dict(),
+                            validated_step=run.val.last_step if run.val is not None else None)
+
+
+def save(run: Run) -> None:
+    """A checkpoint at run.step: the engine's weights and optimizer, and the run's state (what an exact resume
+    needs)."""
+    run.engine.save_checkpoint(run.checkpoint_dir, run_state(run), run.args.keep_checkpoints)
 
 
 def log_step(run: Run, epoch: int, lr: float, result: StepResult, t_data: float, t_step: float) -> None:

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from open_clip_train.distributed import init_distributed_device
@@ -34,11 +35,14 @@ from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
 from . import deepspeed_engine, finetune, tensorboard_log, validate
 from .agree import RankAgreement
-from .data import batches_per_epoch, check_shards, count_samples, gather_positions, position_for_rank, rank_shards
+from .engine import RunState
 from .guards import NonFiniteSteps
-from .loop import Run, train_one_epoch
+from .loop import Run, save, train_one_epoch
 from .plain_engine import PlainEngine, clamp_logit_scale, make_optimizer
+from .position import position_for_rank
 from .preempt import EXIT_PREEMPTED, PreemptionSignal
+from .shards import check_shards, count_samples
+from .stream import StreamSettings, rank_shards
 
 
 def parse_args(argv=None):
@@ -147,8 +151,8 @@ def main(argv=None):
     clamp_logit_scale(model)
     finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
     engine, optimizer = make_engine(args, model, device, ds_config)
-    step, run_state, rng_restored = engine.resume(args.resume, run_dir / "checkpoints", args.dims, args.model,
-                                                  finetune.lock_record(args), args.siglip)
+    resumed, rng_restored = engine.load_checkpoint(args.resume, run_dir / "checkpoints", RunState.of_args(args))
+    step = resumed.step if resumed else 0
     if not rng_restored:
         random_seed(args.seed + step * args.world_size, args.rank)  # a stream of its own for each (rank, step)
     if args.distributed and ds_config is None:
@@ -156,13 +160,13 @@ def main(argv=None):
     if args.rank == 0 and step:
         print(f"resumed at step {step}", file=sys.stderr)
 
-    run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, step, run_state)
+    run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, resumed)
     if args.val_data:
         run.val = make_validation(args, preprocess_val, run)
-        validate.catch_up(run, run_state.get("validated_step"))
+        validate.catch_up(run, resumed.validated_step if resumed else None)
     finished = train(run)
     if finished:
-        run.save(run)
+        save(run)
         if args.rank == 0:
             export(run)
     run.progress.close()
@@ -203,14 +207,17 @@ def make_engine(args, model, device, ds_config):
     return deepspeed_engine.DeepSpeedEngine(engine, args.model), ds_optimizer
 
 
-def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, step: int, run_state: dict) -> Run:
-    batches = batches_per_epoch(args.train_num_samples, args.batch_size, args.world_size, args.workers,
-                                args.accum_freq)
-    steps_per_epoch = batches // args.accum_freq
+def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, resumed: Optional[RunState]) -> Run:
+    """The run at its first step: 0, or the step `resumed` from, with its streams' positions and counts."""
+    step = resumed.step if resumed else 0
+    stream = StreamSettings(args.train_data, preprocess, tokenizer, args.batch_size, args.train_num_samples,
+                            seed=args.seed, workers=args.workers, rank=args.rank, world_size=args.world_size,
+                            resampled=args.dataset_resampled, accum_freq=args.accum_freq)
+    steps_per_epoch = stream.batches_per_epoch // args.accum_freq
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
     nonfinite = NonFiniteSteps(args.max_nonfinite_steps)
-    if run_state.get("nonfinite"):
-        nonfinite.load_state_dict(run_state["nonfinite"])
+    if resumed and resumed.nonfinite:
+        nonfinite.load_state_dict(resumed.nonfinite)
     log_file = writer = None
     if args.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,13 +227,13 @@ def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, step
         if "tensorboard" in args.report_to:
             writer = tensorboard_log.make_writer(run_dir, step)
     return Run(
-        args=args, engine=engine, step=step, run_dir=run_dir, preprocess=preprocess, tokenizer=tokenizer,
+        args=args, engine=engine, step=step, run_dir=run_dir, stream=stream, tokenizer=tokenizer,
         loss_fn=make_loss(args),
         autocast=get_autocast(args.precision, device_type=torch.device(args.device).type),
         schedule=cosine_lr(optimizer, args.lr, args.warmup, steps_per_epoch * args.epochs),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        position=position_for_rank(run_state, args.rank, args.world_size, args.workers), nonfinite=nonfinite,
-        agreement=RankAgreement(PreemptionSignal(), args.distributed), save=save, log_file=log_file,
+        position=position_for_rank(resumed.data if resumed else [], args.rank, args.world_size, args.workers),
+        nonfinite=nonfinite, agreement=RankAgreement(PreemptionSignal(), args.distributed), log_file=log_file,
         progress=tqdm(total=total_steps, initial=step, desc=args.name, disable=args.rank != 0, dynamic_ncols=True),
         writer=writer)
 
@@ -260,18 +267,6 @@ def train(run: Run) -> bool:
         if not train_one_epoch(run, epoch):
             return False
     return True
-
-
-def save(run: Run) -> None:
-    """A checkpoint at run.step: the engine's weights and optimizer, and what an exact resume needs (every rank's
-    stream position, the skipped-step count)."""
-    args = run.args
-    payload = {"step": run.step, "epoch": run.step // run.steps_per_epoch, "name": args.name, "model": args.model,
-               "dims": args.dims, "dim_weights": args.dim_weights, "world_size": args.world_size, "seed": args.seed,
-               "data": gather_positions(run.position, args.distributed, args.world_size),
-               "nonfinite": run.nonfinite.state_dict(), "locks": finetune.lock_record(args), "siglip": args.siglip,
-               "validated_step": run.val.last_step if run.val is not None else None}
-    run.engine.save_checkpoint(run.checkpoint_dir, run.step, payload, args.keep_checkpoints)
 
 
 def export(run: Run) -> None:

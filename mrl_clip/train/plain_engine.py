@@ -1,6 +1,5 @@
 """The plain PyTorch engine of mrl_clip.train (one process, or DDP): forward, backward and optimizer step, and its
 checkpoints in open_clip's format (weights, optimizer, plus what an exact resume needs)."""
-import math
 import random
 from contextlib import nullcontext
 from pathlib import Path
@@ -9,14 +8,13 @@ from typing import Optional
 import numpy as np
 import torch
 from open_clip_train.train import unwrap_model
+from timm.optim import param_groups_weight_decay
 
 from ..checkpoint import latest_checkpoint, load_checkpoint_file, newest_loadable_checkpoint, prune_checkpoints
 from ..errors import UserError
 from ..files import atomic_torch_save
+from .engine import LOGIT_SCALE_MAX, RunState
 
-LOGIT_SCALE_MAX = math.log(100)  # open_clip's clamp: a temperature no lower than 1/100
-# what a checkpoint holds beside open_clip's format for an exact resume (and the last step validated)
-RUN_STATE_KEYS = ("data", "nonfinite", "validated_step")
 
 
 def clamp_logit_scale(model) -> None:
@@ -25,29 +23,10 @@ def clamp_logit_scale(model) -> None:
 
 
 def make_optimizer(model, lr: float, wd: float, betas: tuple, eps: float):
-    """AdamW with open_clip_train's parameter split: no weight decay on gains, biases, embeddings' norms and
-    logit_scale. open_clip_train builds the split inline in its main(), so it cannot be imported; the rule is
-    the same."""
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": wd}],
-        lr=lr, betas=betas, eps=eps)
-
-
-def check_locks(path, saved: str, locks: str) -> None:
-    """A resume locks what its run locked: the optimizer state holds the trainable parameters only."""
-    if saved != locks:
-        raise UserError(f"{path} was trained with lock flags '{saved or 'none'}', not '{locks or 'none'}': "
-                        "resume with the same --lock-* flags")
-
-
-def check_siglip(path, saved: bool, siglip: bool) -> None:
-    """A resume trains the loss its run trained (a SigLIP run's model has a logit_bias, a CLIP run's has none)."""
-    if saved != siglip:
-        raise UserError(f"{path} was trained {'with' if saved else 'without'} --siglip: resume it "
-                        f"{'with' if saved else 'without'} --siglip")
+    """AdamW over the trainable parameters, with no weight decay on 1-d ones (gains, biases, norms, logit_scale)
+    or biases: timm's param_groups_weight_decay, which on our models splits as open_clip_train's main() does
+    (tests/test_train.py compares them)."""
+    return torch.optim.AdamW(param_groups_weight_decay(model, wd), lr=lr, betas=betas, eps=eps)
 
 
 def gradients_finite(model) -> bool:
@@ -116,51 +95,48 @@ class PlainEngine:
         clamp_logit_scale(unwrap_model(self.model))
         return True
 
-    def save_checkpoint(self, checkpoint_dir: Path, step: int, payload: dict, keep: int) -> None:
+    def save_checkpoint(self, checkpoint_dir: Path, state: RunState, keep: int) -> None:
         """checkpoint_dir/step_N.pt in open_clip's format (rank 0 writes; the ranks hold the same weights)."""
         if self.rank != 0:
             return
-        payload = {**payload, "state_dict": unwrap_model(self.model).state_dict(),
+        payload = {**state.to_dict(), "state_dict": unwrap_model(self.model).state_dict(),
                    "optimizer": self.optimizer.state_dict()}
         if self.world_size == 1:
             payload["rng"] = [rng_state()]
         if self.scaler.is_enabled():
             payload["scaler"] = self.scaler.state_dict()
-        atomic_torch_save(payload, Path(checkpoint_dir) / f"step_{step}.pt")
+        atomic_torch_save(payload, Path(checkpoint_dir) / f"step_{state.step}.pt")
         prune_checkpoints(checkpoint_dir, keep)
 
     def last_checkpoint(self, checkpoint_dir: Path) -> Optional[Path]:
         return latest_checkpoint(checkpoint_dir)
 
-    def resume(self, resume: Optional[str], checkpoint_dir: Path, dims: list, model_name: str,
-               locks: str = "", siglip: bool = False) -> tuple:
-        """(step, run state, whether the RNG state was restored) from --resume: 'latest' (the newest step_N.pt
-        that loads; none: a fresh start, as open_clip does) or a checkpoint file."""
+    def load_checkpoint(self, resume: Optional[str], checkpoint_dir: Path, run: RunState) -> tuple:
+        """(the state resumed from, whether the RNG state was restored) from --resume: 'latest' (the newest
+        step_N.pt that loads; none: a fresh start, as open_clip does) or a checkpoint file."""
         if resume is None:
-            return 0, {}, False
+            return None, False
         if resume == "latest":
             found = newest_loadable_checkpoint(checkpoint_dir)
             if found is None:
-                return 0, {}, False
+                return None, False
             path, checkpoint = found
         else:
             path = Path(resume)
             if not path.is_file():
                 raise UserError(f"--resume checkpoint not found: {resume}")
             checkpoint = load_checkpoint_file(path)
-        self.load(path, checkpoint, dims, model_name, locks, siglip)
-        restored = "rng" in checkpoint and checkpoint.get("world_size", 1) == self.world_size == 1
+        saved = RunState.from_dict(checkpoint)
+        if saved.siglip is None:  # ours say; for other open_clip checkpoints a logit_bias tells
+            saved.siglip = "logit_bias" in checkpoint["state_dict"]
+        run.check_resumes(path, saved)
+        self.load(path, checkpoint, run.model)
+        restored = "rng" in checkpoint and saved.world_size == self.world_size == 1
         if restored:
             set_rng_state(checkpoint["rng"][0])
-        return int(checkpoint["step"]), {k: checkpoint[k] for k in RUN_STATE_KEYS if k in checkpoint}, restored
+        return saved, restored
 
-    def load(self, path: Path, checkpoint: dict, dims: list, model_name: str, locks: str = "",
-             siglip: bool = False) -> None:
-        if checkpoint.get("dims") not in (None, dims):
-            raise UserError(f"{path} was trained with --dims {checkpoint['dims']}, not {dims}")
-        check_locks(path, checkpoint.get("locks", ""), locks)
-        if "state_dict" in checkpoint:  # ours say; for other open_clip checkpoints a logit_bias tells
-            check_siglip(path, checkpoint.get("siglip", "logit_bias" in checkpoint["state_dict"]), siglip)
+    def load(self, path: Path, checkpoint: dict, model_name: str) -> None:
         if "optimizer" not in checkpoint:
             raise UserError(f"{path} holds weights only (a DeepSpeed run's fp32 copy): resume that run with "
                             "--deepspeed, or start from these weights with --pretrained")

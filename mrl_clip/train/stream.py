@@ -1,4 +1,4 @@
-"""WebDataset training stream built from open_clip_train's pieces.
+"""The WebDataset training stream built from open_clip_train's pieces.
 
 What we add to open_clip_train.data.get_wds_dataset, and why:
 - bad data (a truncated or missing shard, an undecodable image, a missing or empty caption) is skipped *and
@@ -23,79 +23,25 @@ import itertools
 import math
 import os
 import random
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Optional
 
 import torch
 import webdataset as wds
-from open_clip_train.data import (
-    ResampledShards2,
-    detshuffle2,
-    expand_urls,
-    get_dataset_size,
-    group_by_keys_nothrow,
-)
+from open_clip_train.data import ResampledShards2, detshuffle2, group_by_keys_nothrow
 from torch.utils.data import get_worker_info
 from webdataset.autodecode import imagehandler
 from webdataset.tariterators import tar_file_expander, url_opener
 
 from ..errors import UserError
+from .shards import resolve_shards
 
 SHARD_SHUFFLE_BUFFER = 2000
 SAMPLE_SHUFFLE_BUFFER = 2000
 SAMPLE_SHUFFLE_INITIAL = 500
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
 SHARD_END = object()  # what the tar reader yields after each shard's members
-
-
-def resolve_shards(urls: str, allow_missing: bool = False) -> list[str]:
-    """Brace-expand `urls` ('a-{0000..0099}.tar', '::' joins lists) and check local shards exist (unless
-    `allow_missing`: the trainer has already decided how many missing shards it tolerates)."""
-    try:
-        shards, _ = expand_urls(urls)
-    except Exception as err:  # braceexpand raises on malformed patterns
-        raise UserError(f"cannot expand shard pattern {urls!r}: {err}") from None
-    shards = [s for s in shards if s.strip()]
-    if not shards:
-        raise UserError(f"shard pattern {urls!r} names no shards")
-    missing = missing_shards(shards)
-    if missing and not allow_missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"missing shard {missing[0]}{more}")
-    return shards
-
-
-def missing_shards(shards: list[str]) -> list[str]:
-    return [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
-
-
-def check_shards(urls: str, max_missing_fraction: float) -> list[str]:
-    """The shards of `urls`. Missing ones are tolerated, with a warning, up to `max_missing_fraction` of them
-    (training skips and counts them like bad samples); all missing, or more than that, is an error."""
-    shards = resolve_shards(urls, allow_missing=True)
-    missing = missing_shards(shards)
-    if missing and (len(missing) == len(shards) or len(missing) > max_missing_fraction * len(shards)):
-        more = f" (and {len(missing) - 1} more of {len(shards)})" if len(missing) > 1 else ""
-        raise UserError(f"missing shard {missing[0]}{more}")
-    if missing:
-        print(f"warning: {len(missing)} of {len(shards)} shards missing, they will be skipped: "
-              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}", file=sys.stderr)
-    return shards
-
-
-def count_samples(urls: str) -> Optional[int]:
-    """Dataset size from sizes.json / __len__ beside the shards (open_clip's convention), or None."""
-    try:
-        num_samples, _ = get_dataset_size(urls)
-    except KeyError as err:
-        raise UserError(f"sizes.json beside the shards has no entry for {err.args[0]}: fix it or pass "
-                        "--train-num-samples") from None
-    except (ValueError, SyntaxError) as err:  # not JSON / not a literal / not a number
-        raise UserError(f"cannot read the dataset size beside the shards (sizes.json or __len__): {err}; "
-                        "fix it or pass --train-num-samples") from None
-    return num_samples or None
 
 
 def tarfile_to_samples_nothrow(src, handler):
@@ -249,70 +195,6 @@ def batches_per_worker_done(batches_done: int, workers: int) -> dict:
     return {w: len(range(w, batches_done, workers)) for w in range(workers)}
 
 
-@dataclass
-class StreamPosition:
-    """Where one rank's training stream stands, per logical worker: what a checkpoint needs to resume it exactly,
-    and the running totals --max-bad-fraction is checked against."""
-    epoch: int = 0
-    batches: int = 0                                  # batches taken this epoch
-    consumed: dict = field(default_factory=dict)      # worker -> samples read this epoch (good and bad)
-    bad: dict = field(default_factory=dict)           # worker -> bad samples and shard errors this epoch
-    read_before: int = 0                              # samples read in earlier epochs
-    bad_before: int = 0
-    workers: int = 1                                  # the loader's worker count the positions belong to
-
-    def start_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.read_before, self.bad_before = self.samples_read, self.bad_samples
-            self.epoch, self.batches, self.consumed, self.bad = epoch, 0, {}, {}
-
-    def update(self, report: dict) -> list[str]:
-        """Take a batch's report; returns the names of the bad samples it brings."""
-        worker = int(report["worker"])
-        self.batches += 1
-        self.consumed[worker], self.bad[worker] = int(report["consumed"]), int(report["bad"])
-        return list(report["new_bad"])
-
-    @property
-    def samples_read(self) -> int:
-        return self.read_before + sum(self.consumed.values())
-
-    @property
-    def bad_samples(self) -> int:
-        return self.bad_before + sum(self.bad.values())
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "read_before": self.read_before,
-                "bad_before": self.bad_before, "workers": self.workers, "consumed": dict(self.consumed),
-                "bad": dict(self.bad)}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "StreamPosition":
-        return cls(epoch=int(state["epoch"]), batches=int(state["batches"]), read_before=int(state["read_before"]),
-                   bad_before=int(state["bad_before"]), workers=int(state["workers"]),
-                   consumed={int(w): int(n) for w, n in state["consumed"].items()},
-                   bad={int(w): int(n) for w, n in state["bad"].items()})
-
-
-def gather_positions(position: StreamPosition, distributed: bool, world_size: int) -> list[dict]:
-    """Every rank's stream position (one per rank, in rank order) for the checkpoint rank 0 writes."""
-    if not distributed:
-        return [position.state_dict()]
-    positions = [None] * world_size
-    torch.distributed.all_gather_object(positions, position.state_dict())
-    return positions
-
-
-def position_for_rank(checkpoint: dict, rank: int, world_size: int, workers: int) -> StreamPosition:
-    """This rank's stream position from a checkpoint; a fresh one when the checkpoint has none for this number
-    of ranks and workers (older checkpoints, or a resume on another layout: the stream then skips by batch
-    count, which takes the right number of batches but not the same samples)."""
-    positions = checkpoint.get("data")
-    if not positions or len(positions) != world_size or positions[rank].get("workers") != max(1, workers):
-        return StreamPosition(workers=max(1, workers))
-    return StreamPosition.from_state_dict(positions[rank])
-
-
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, workers: int, accum_freq: int = 1) -> int:
     """Loader batches each rank takes per epoch: enough for num_samples, rounded up so every worker makes as many
     (open_clip's rule; equal counts keep DDP ranks in step) and the epoch is whole optimizer steps of accum_freq
@@ -354,23 +236,28 @@ class TrainStream:
     num_samples: int        # samples per epoch, all ranks
 
 
-def make_train_stream(
-        urls: str,
-        preprocess: Callable,
-        tokenizer: Callable,
-        batch_size: int,
-        num_samples: int,
-        epoch: int,
-        seed: int = 0,
-        workers: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
-        resampled: bool = False,
-        accum_freq: int = 1,
-        skip_batches: int = 0,
-        consumed: Optional[dict] = None,
-        bad: Optional[dict] = None,
-) -> TrainStream:
+@dataclass(frozen=True)
+class StreamSettings:
+    """What a run's stream is, the same every epoch (main.py builds it once from the flags)."""
+    urls: str                # shard URLs, brace-expanded by resolve_shards
+    preprocess: Callable     # image transform (the model's training transform)
+    tokenizer: Callable
+    batch_size: int          # per rank
+    num_samples: int         # per epoch, all ranks
+    seed: int = 0
+    workers: int = 1
+    rank: int = 0
+    world_size: int = 1
+    resampled: bool = False  # shards drawn with replacement
+    accum_freq: int = 1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return batches_per_epoch(self.num_samples, self.batch_size, self.world_size, self.workers, self.accum_freq)
+
+
+def make_train_stream(settings: StreamSettings, epoch: int, skip_batches: int = 0, consumed: Optional[dict] = None,
+                      bad: Optional[dict] = None) -> TrainStream:
     """One epoch of training batches (images, tokens, report) for this rank; see WorkerTracker.report.
 
     Epoch mode: shards are shuffled with (seed, epoch), split across ranks then workers, samples shuffled
@@ -379,43 +266,43 @@ def make_train_stream(
     bad counts after them (StreamPosition); the stream continues exactly there. Without `consumed`, each worker
     skips its share of the batches, which is exact when no sample was bad.
     """
-    shards = resolve_shards(urls, allow_missing=True)
-    workers_eff = max(1, workers)
+    s = settings
+    shards = resolve_shards(s.urls, allow_missing=True)
+    workers_eff = max(1, s.workers)
     offset = skip_batches % workers_eff
     if consumed is None:
-        consumed = {w: n * batch_size for w, n in batches_per_worker_done(skip_batches, workers).items()}
-    if resampled:
+        consumed = {w: n * s.batch_size for w, n in batches_per_worker_done(skip_batches, s.workers).items()}
+    if s.resampled:
         pipeline = [ResampledShards2(
-            urls, deterministic=True, epoch=epoch - 1,  # ResampledShards2 increments before use
-            worker_seed=functools.partial(_worker_seed, seed, rank, offset))]
+            s.urls, deterministic=True, epoch=epoch - 1,  # ResampledShards2 increments before use
+            worker_seed=functools.partial(_worker_seed, s.seed, s.rank, offset))]
     else:
-        if len(shards) < workers_eff * world_size:
-            raise UserError(f"{len(shards)} shards cannot feed {workers_eff} workers x {world_size} ranks: "
+        if len(shards) < workers_eff * s.world_size:
+            raise UserError(f"{len(shards)} shards cannot feed {workers_eff} workers x {s.world_size} ranks: "
                             "write more shards, lower --workers, or use --dataset-resampled")
         pipeline = [
             wds.SimpleShardList(shards),
-            detshuffle2(bufsize=SHARD_SHUFFLE_BUFFER, initial=SHARD_SHUFFLE_BUFFER, seed=seed, epoch=epoch - 1),
-            functools.partial(_split_by_rank, rank=rank, world_size=world_size),
+            detshuffle2(bufsize=SHARD_SHUFFLE_BUFFER, initial=SHARD_SHUFFLE_BUFFER, seed=s.seed, epoch=epoch - 1),
+            functools.partial(_split_by_rank, rank=s.rank, world_size=s.world_size),
             functools.partial(_split_by_logical_worker, offset=offset),
         ]
     tracker = WorkerTracker(offset, consumed, bad)
     pipeline += [
         functools.partial(tarfile_to_samples_nothrow, handler=tracker),
-        detshuffle2(bufsize=SAMPLE_SHUFFLE_BUFFER, initial=SAMPLE_SHUFFLE_INITIAL, seed=seed + 7919 * rank,
+        detshuffle2(bufsize=SAMPLE_SHUFFLE_BUFFER, initial=SAMPLE_SHUFFLE_INITIAL, seed=s.seed + 7919 * s.rank,
                     epoch=epoch - 1),
         tracker.skip_and_count,
-        functools.partial(decode_samples, tracker=tracker, preprocess=preprocess, tokenizer=tokenizer, seed=seed,
-                          epoch=epoch),
-        wds.batched(batch_size, partial=False),
+        functools.partial(decode_samples, tracker=tracker, preprocess=s.preprocess, tokenizer=s.tokenizer,
+                          seed=s.seed, epoch=epoch),
+        wds.batched(s.batch_size, partial=False),
         wds.map(functools.partial(_with_report, tracker=tracker)),
     ]
     dataset = EpochPipeline(*pipeline, tracker=tracker)
 
-    global_batch = batch_size * world_size
-    num_batches = batches_per_epoch(num_samples, batch_size, world_size, workers, accum_freq)
+    num_batches = s.batches_per_epoch
     dataset = dataset.with_epoch(num_batches // workers_eff)
     # seeds the workers' torch RNG (augmentations) from (seed, epoch, rank), not from the trainer's RNG state
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
-    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+    generator = torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 1009 + s.rank)
+    loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=s.workers,
                            persistent_workers=False, generator=generator)
-    return TrainStream(loader=loader, num_batches=num_batches, num_samples=num_batches * global_batch)
+    return TrainStream(loader=loader, num_batches=num_batches, num_samples=num_batches * s.batch_size * s.world_size)
