@@ -239,8 +239,11 @@ def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, resu
 
 
 def make_validation(args, preprocess_val, run: Run) -> validate.Validation:
-    """--val-data read with the model's validation transform, on the run's schedule and dims."""
-    val_set = validate.load_val_set(args.val_data, preprocess_val)
+    """--val-data read with the model's validation transform, on the run's schedule and dims. Building the reader
+    (webdataset, through CLIP_benchmark) draws from Python's global RNG: it gets its state back, so a run with
+    --val-data checkpoints the same RNG states as one without."""
+    with validate.preserved_rng():
+        val_set = validate.load_val_set(args.val_data, preprocess_val)
     schedule = validate.ValSchedule(args.val_every_n_steps, args.val_frequency, run.steps_per_epoch,
                                     run.total_steps)
     return validate.Validation(val_set, schedule, args.dims)
