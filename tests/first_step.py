@@ -53,13 +53,11 @@ def per_prefix(features, dims):
 
 def feature_error(model_name, batch, dims, siglip=False):
     """LAMBDA u sqrt(N): the float32 features' error relative to their rows' scale (tests/numerics.py; N counts
-    the rounding events of the model at this batch size, whatever its weights and inputs)."""
+    the rounding events of the model's forward and backward and of the loss at this batch size, an over-count for
+    the features alone)."""
     model = open_clip.create_model(model_name, **(SIGLIP_INIT if siglip else {}))
-
-    def loss_fn(*features):
-        return sum(per_prefix_tensors(features, dims).values()), None
-    _, _, info = numerics.reference(model, seeded_batch(batch), loss_fn, dims, [1.0] * len(dims), sigmoid=siglip)
-    return numerics.LAMBDA * numerics.U32 * math.sqrt(info["events"])
+    events = numerics.rounding_events(model, seeded_batch(batch), dims, sigmoid=siglip)
+    return numerics.LAMBDA * numerics.U32 * math.sqrt(events)
 
 
 def tolerance(features, dims, weights, error):
