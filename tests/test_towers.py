@@ -206,12 +206,27 @@ def test_clip_benchmark_on_the_align_export_agrees_with_our_eval(align_export, t
         assert abs(full[name] - value) < 1e-4, (name, full[name], value)
 
 
-def test_cluster_recipe_builds_and_runs_with_random_weights(tmp_path, monkeypatch):
+def bert_tolerance(config, tokens, reference64):
+    """Float32 text features vs exact, numerics.py's model (as lite0_tolerance): LAMBDA u sqrt(N) of the row's
+    scale (max |feature|), N the rounding events of a forward pass. Per BERT layer: the q, k, v and output
+    projections (fan-in 4 x hidden), the scores (head dim), softmax's sum and the attention-weighted sum (tokens
+    each), both LayerNorms (mean and variance, 2 x hidden each), the feed-forward's two layers (hidden +
+    intermediate), and a dozen elementwise roundings (scaling, softmax's exp and division, GELU, residual adds,
+    LayerNorm's centring, scaling and shift); the embeddings' sum and LayerNorm; the linear projection (hidden)."""
+    hidden, head, tokens_ = config.hidden_size, config.hidden_size // config.num_attention_heads, tokens.shape[1]
+    per_layer = 4 * hidden + head + 2 * tokens_ + 2 * (2 * hidden) + hidden + config.intermediate_size + 12
+    n = config.num_hidden_layers * per_layer + 2 * hidden + 3 + hidden
+    return numerics.LAMBDA * numerics.U32 * math.sqrt(n) * reference64.abs().amax(dim=1, keepdim=True)
+
+
+def test_cluster_recipe_text_tower_is_bert_cls_then_the_projection(tmp_path, monkeypatch):
     """ALIGN-B3-BERT-640 with random towers at a small input size; only BERT-base's config.json is needed, written
-    here into a temporary hub cache (BertConfig's defaults are bert-base-uncased's shape)."""
+    here into a temporary hub cache (BertConfig's defaults are bert-base-uncased's shape). Its text features are
+    transformers' BertModel of that config on the same weights, [CLS]'s last hidden state (padding masked), then
+    the recipe's linear projection to 640, in float64."""
     import open_clip
     from huggingface_hub import constants
-    from transformers import BertConfig
+    from transformers import BertConfig, BertModel
 
     snapshot = tmp_path / "models--bert-base-uncased" / "snapshots" / ("0" * 40)
     BertConfig().save_pretrained(snapshot)
@@ -222,7 +237,26 @@ def test_cluster_recipe_builds_and_runs_with_random_weights(tmp_path, monkeypatc
     cfg = models.model_config("ALIGN-B3-BERT-640")
     assert cfg["embed_dim"] == 640
     model = open_clip.create_model("ALIGN-B3-BERT-640", pretrained_text=False, force_image_size=64).eval()
-    tokens = torch.randint(1000, 30000, (2, cfg["text_cfg"]["context_length"]))
+    # BERT's layout: [CLS] (101) words [SEP] (102), then [PAD] (0): a full row and a padded one, 24 tokens (the
+    # recipe's tokenizer pads to 64; fewer keep the float64 pass short)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(2, 24, dtype=torch.long)
+    for row, length in enumerate([24, 9]):
+        tokens[row, :length] = torch.cat([torch.tensor([101]), torch.randint(1000, 30000, (length - 2,), generator=g),
+                                          torch.tensor([102])])
     with torch.no_grad():
-        image, text, _ = model(torch.randn(2, 3, 64, 64), tokens)
-    assert image.shape == text.shape == (2, 640) and torch.isfinite(image).all() and torch.isfinite(text).all()
+        image, features = model.encode_image(torch.randn(2, 3, 64, 64, generator=g)), model.encode_text(tokens)
+    assert image.shape == features.shape == (2, 640) and torch.isfinite(image).all()
+
+    from transformers.initialization import no_init_weights
+    config = BertConfig()
+    with no_init_weights():  # every weight is loaded next
+        bert = BertModel(config, add_pooling_layer=False).double().eval()  # [CLS] pooling reads the last hidden state
+    bert.load_state_dict(model.text.transformer.state_dict())  # every tensor of BERT-base, no more
+    with torch.no_grad():
+        cls = bert(input_ids=tokens, attention_mask=(tokens != config.pad_token_id).long()).last_hidden_state[:, 0]
+        proj = model.text.proj  # "hf_proj_type": "linear", open_clip's without a bias
+        reference = torch.nn.functional.linear(cls, proj.weight.double(), None if proj.bias is None else
+                                               proj.bias.double())
+    error, bound = (features.double() - reference).abs(), bert_tolerance(config, tokens, reference)
+    assert (error <= bound).all(), float((error / bound).max())
