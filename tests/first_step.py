@@ -4,10 +4,11 @@ its flags), float64 features, and open_clip's own ClipLoss / SigLipLoss on each 
 
 The trainer logs the step's loss before any update, from float32 features of those weights and samples; the
 reference is exact to float64. The bound (tests/numerics.py): the float32 features are off by LAMBDA u sqrt(N) of
-their rows' scale (N: the rounding events of MRL-Tiny-28's forward and backward at this batch, counted by
-numerics.reference), and the loss chain from such features is bounded in the worst case by loss_tolerance /
-siglip_loss_tolerance; the float64 side adds the same bounds at u = 2^-53. A model seeded otherwise, another batch
-(other samples or other crops), a prefix not re-normalised or a weight not applied misses by far more."""
+their rows' scale (N: the rounding events of the model's forward and backward at this batch, numerics.
+rounding_events), and the loss chain from such features is bounded by numerics.loss_tolerance (CLIP, a worst case)
+or siglip_tolerance below (SigLIP, from the reference's own terms); the float64 side adds the worst case at
+u = 2^-53. Measured on MRL-Tiny-28: the logged losses are within ~1e-6 of the reference, the bounds ~4e-3 to 5e-3
+per dim, and the first loss of a model seeded otherwise misses by 0.02 to 1.1 per dim."""
 import math
 from itertools import islice
 
