@@ -259,6 +259,31 @@ class Recorder:
         return found
 
 
+def count_events(recorder, image, dims, ranks=1, micro_batches=1, sigmoid=False):
+    """N of the module docstring, after a forward pass the recorder saw (`image`: its image features): the longest
+    final accumulation plus the summed lengths of every accumulation of the forward and backward passes."""
+    batch = image.shape[0]
+    if sigmoid:
+        # per dim: normalise (m forward, m backward), logits (m forward; B for each of the two feature
+        # gradients), the sum over all B^2 pairs (forward)
+        loss_length = sum(3 * m + 2 * batch + batch * batch for m in dims) + 2 * image.shape[-1] + len(dims)
+    else:
+        # per dim: normalise (m forward, m backward), logits (m forward; B for each of the two feature gradients),
+        # cross-entropy (B forward, B backward); features normalised at full width in CLIP (forward and backward)
+        loss_length = sum(3 * m + 4 * batch for m in dims) + 2 * image.shape[-1] + len(dims)
+    n = max(recorder.rows, batch) + ranks + micro_batches
+    return n + sum(recorder.lengths) + loss_length + ranks + micro_batches
+
+
+def rounding_events(model, inputs, dims, sigmoid=False):
+    """count_events for `model(*inputs)` on one process, from a float64 forward pass only (the count depends on
+    the shapes, not on the weights or the inputs' values)."""
+    model = copy.deepcopy(model).double()
+    recorder = Recorder(model)
+    image = model(*[x.double() if x.is_floating_point() else x for x in inputs])[0]
+    return count_events(recorder, image, dims, sigmoid=sigmoid)
+
+
 def reference(model, inputs, loss_fn, dims, weights, ranks=1, micro_batches=1, sigmoid=False):
     """Float64 gradients of `loss_fn(*model(*inputs))[0]` (model and inputs cast to double) and, per element, the
     tolerance of any float32 evaluation of them (module docstring). `model(*inputs)` returns (image features, text
@@ -275,16 +300,7 @@ def reference(model, inputs, loss_fn, dims, weights, ranks=1, micro_batches=1, s
     image, scale = outputs[0], outputs[2]
     batch, s = image.shape[0], float(scale.detach().reshape(-1)[0])
     b = float(outputs[3].detach().reshape(-1)[0]) if sigmoid else 0.0
-    if sigmoid:
-        # per dim: normalise (m forward, m backward), logits (m forward; B for each of the two feature
-        # gradients), the sum over all B^2 pairs (forward)
-        loss_length = sum(3 * m + 2 * batch + batch * batch for m in dims) + 2 * image.shape[-1] + len(dims)
-    else:
-        # per dim: normalise (m forward, m backward), logits (m forward; B for each of the two feature gradients),
-        # cross-entropy (B forward, B backward); features normalised at full width in CLIP (forward and backward)
-        loss_length = sum(3 * m + 4 * batch for m in dims) + 2 * image.shape[-1] + len(dims)
-    n = max(recorder.rows, batch) + ranks + micro_batches
-    events = n + sum(recorder.lengths) + loss_length + ranks + micro_batches
+    events = count_events(recorder, image, dims, ranks, micro_batches, sigmoid)
     # a sigmoid's output moves by at most e / 4 <= 2 e for a logit error e, and the bias's addition rounds at |b|
     kappa = 1 + 4 * (s + abs(b))
     factor = LAMBDA * U32 * math.sqrt(events) * kappa

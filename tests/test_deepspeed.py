@@ -1,6 +1,6 @@
 """The DeepSpeed engine path of mrl_clip.train on the CPU (one process, gloo): the same gradients and SGD steps as the
-plain maths, the same first loss through the CLI, its checkpoints and their conversion, pre-emption and resume, and
-the config mistakes users make."""
+plain maths, open_clip's loss at the CLI's first step, its checkpoints and their conversion, pre-emption and resume,
+and the config mistakes users make."""
 import json
 import os
 import signal
@@ -12,10 +12,8 @@ import time
 import pytest
 import torch
 
-from mrl_clip.loss import MatryoshkaClipLoss
-from tests import ds_grad_probe, numerics
+from tests import ds_grad_probe, first_step
 from tests.conftest import ROOT, TINY, TINY_DIMS, run_module
-from tests.ds_grad_probe import seeded_batch, seeded_model
 
 STEPS = 4
 PROBE_BATCH = 16
@@ -28,10 +26,6 @@ def train(fmnist_data, logs, name, *extra, steps=STEPS):
                         "--name", name, "--log-every-n-steps", "1", "--save-every-n-steps", "2", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return logs / name
-
-
-def losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 def weights(run_dir, step=STEPS):
@@ -107,31 +101,16 @@ def ds_run(fmnist_data, tmp_path_factory):
     return train(fmnist_data, logs, "ds", "--accum-freq", "2", "--deepspeed", ROOT / "configs" / "ds_zero2_fp32.json")
 
 
-@pytest.fixture(scope="module")
-def plain_first_step(fmnist_data, tmp_path_factory):
-    return train(fmnist_data, tmp_path_factory.mktemp("plain"), "plain", "--accum-freq", "2", steps=2)
-
-
-def first_loss_tolerance(batch):
-    """Both runs evaluate the same float32 forward of the same seeded weights on the same first batch. The loss's
-    own chain is bounded in the worst case (numerics.loss_tolerance); the features it starts from carry the
-    rounding of the towers, LAMBDA u sqrt(N) of their rows' scale by the rounding model of tests/numerics.py, N
-    counted on MRL-Tiny-28 at this batch size. Twice: two evaluations."""
-    model = seeded_model()
-    loss_fn = MatryoshkaClipLoss(TINY_DIMS)
-    _, _, info = numerics.reference(model, seeded_batch(batch), loss_fn, TINY_DIMS, loss_fn.weights)
-    feature_error = numerics.LAMBDA * numerics.U32 * info["events"] ** 0.5
-    return 2 * numerics.loss_tolerance(1 / 0.07, TINY_DIMS, loss_fn.weights, batch, feature_error=feature_error)
-
-
-def test_zero_engine_cli_takes_the_plain_loops_first_step(ds_run, plain_first_step):
-    """The real CLI with --deepspeed and --accum-freq 2: the first step's loss (computed before any update, from
-    the same seeded initial weights on the same 2 x 32 samples) equals the plain loop's to float32 rounding; every
-    step is DeepSpeed's accumulation of two micro-batches of one loader batch each (4 optimizer steps, 8 batches,
-    256 samples read)."""
-    engine_losses, plain_losses = losses(ds_run), losses(plain_first_step)
-    assert len(engine_losses) == STEPS and len(plain_losses) == 2
-    assert abs(engine_losses[0] - plain_losses[0]) <= first_loss_tolerance(64)
+def test_zero_engine_cli_first_step_is_open_clips_loss_per_prefix(ds_run, fmnist_data):
+    """The real CLI with --deepspeed and --accum-freq 2: the first step's loss and every dim's (computed before any
+    update) are open_clip's ClipLoss on each re-normalised prefix of the seeded initial model's features of the
+    run's first 2 x 32 samples, within the float32 bound (tests/first_step.py); every step is DeepSpeed's
+    accumulation of two micro-batches of one loader batch each (4 optimizer steps, 8 batches, 256 samples read)."""
+    records = [json.loads(line) for line in (ds_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    features = first_step.first_step(TINY, fmnist_data["train"], 2048, 32, accum_freq=2)  # 2048: sizes.json
+    first_step.assert_first_record_is_open_clips_loss(records[0], features, TINY_DIMS, [1.0] * len(TINY_DIMS),
+                                                      first_step.feature_error(TINY, 64, TINY_DIMS))
     state = torch.load(ds_run / "checkpoints" / "deepspeed" / f"step_{STEPS}" / "mp_rank_00_model_states.pt",
                        weights_only=False)
     assert state["global_steps"] == STEPS and state["data"][0]["batches"] == 2 * STEPS

@@ -1,6 +1,7 @@
-"""Two gloo DDP ranks with gathered features: the gradient each feature-gathering mode gives, against one process on
-the joined batch in float64 and against open_clip's own ClipLoss run on the same ranks. Tolerances: tests/numerics.py
-(per element, the float32 rounding bound of the reference gradient, with the gather and all-reduce terms counted)."""
+"""Two gloo DDP ranks with gathered features: the gradient each feature-gathering mode gives, ours and open_clip's own
+ClipLoss run on the same ranks, against one process on the joined batch in float64 (open_clip's ClipLoss per
+prefix). Tolerances: tests/numerics.py (per element, the float32 rounding bound of the reference gradient, with the
+gather and all-reduce terms counted)."""
 import os
 import socket
 
@@ -103,7 +104,9 @@ def expected(local_loss, gather_with_grad):
     - with local loss (the gathered features all detached) rank r's rows' logits reach the towers only through their
       own, query-side features: the average is the gradient of query_side_loss on the joined batch, logit_scale's
       included (the same dL/ds)."""
-    loss_fn = query_side_loss if local_loss and not gather_with_grad else MatryoshkaClipLoss(DIMS, WEIGHTS)
+    def joined_loss(*features):  # open_clip's ClipLoss per prefix on the joined batch, one process
+        return open_clip_matryoshka(*features), None
+    loss_fn = query_side_loss if local_loss and not gather_with_grad else joined_loss
     grads, tolerances, _ = numerics.reference(Towers(), batch(), loss_fn, DIMS, WEIGHTS, ranks=RANKS)
     if not local_loss and not gather_with_grad:
         for name in grads:

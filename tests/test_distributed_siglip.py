@@ -1,8 +1,9 @@
 """Gloo DDP ranks with MatryoshkaSigLipLoss: for each of open_clip's ways of exchanging text features (its
-SigLipLoss `dist_impl`), the ranks' loss and gradients against one process on the joined batch in float64, and
-against open_clip's own SigLipLoss called once per prefix on the same ranks; ours exchanges the features once per
-step, that one once per dim. Four ranks, so that 'bidir' runs both of open_clip's exchanges (a two-way one and the
-one-way remainder) and 'shift' passes features on through more than one hop. Tolerances: tests/numerics.py."""
+SigLipLoss `dist_impl`), the ranks' loss and gradients, ours and open_clip's own SigLipLoss called once per prefix
+on the same ranks, against one process on the joined batch in float64 (open_clip's SigLipLoss per prefix); ours
+exchanges the features once per step, that one once per dim. Four ranks, so that 'bidir' runs both of open_clip's
+exchanges (a two-way one and the one-way remainder) and 'shift' passes features on through more than one hop.
+Tolerances: tests/numerics.py."""
 import os
 
 import numpy as np
@@ -105,11 +106,12 @@ def distributed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def joined():
-    """Float64 gradients and loss of one process on the joined batch, and the float32 tolerances."""
-    grads, tolerances, info = numerics.reference(SigLipTowers(), batch(), MatryoshkaSigLipLoss(DIMS, WEIGHTS), DIMS,
-                                                 WEIGHTS, ranks=RANKS, sigmoid=True)
+    """Float64 gradients and loss of one process on the joined batch (open_clip's SigLipLoss per prefix), and the
+    float32 tolerances."""
+    grads, tolerances, info = numerics.reference(SigLipTowers(), batch(), open_clip_per_prefix, DIMS, WEIGHTS,
+                                                 ranks=RANKS, sigmoid=True)
     x, y = batch()
-    total, _ = MatryoshkaSigLipLoss(DIMS, WEIGHTS)(*SigLipTowers().double()(x.double(), y.double()))
+    total, _ = open_clip_per_prefix(*SigLipTowers().double()(x.double(), y.double()))
     return grads, tolerances, info, float(total.detach())
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import open_clip
 import pytest
+import torch
 import webdataset as wds
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -97,38 +98,60 @@ def group_samples(members) -> list:
     return samples
 
 
-def is_good(sample: dict) -> bool:
-    """A caption that is non-blank UTF-8 and an image PIL decodes (the reader takes jpg, png, jpeg, webp first)."""
+def reference_decode(sample: dict, preprocess, tokenizer):
+    """(image tensor, token ids) of a good sample decoded independently of the reader: PIL, the model's
+    preprocess and open_clip's tokenizer; None for a bad one (no non-blank UTF-8 caption, or no image PIL decodes;
+    the reader takes jpg, png, jpeg, webp first). The only images PIL decodes here are the uniform PNGs of png():
+    RandomResizedCrop of a uniform image is that colour at any crop, so the reader's seeded augmentation and
+    this unseeded one give the same tensor."""
     image = next((sample[k] for k in ("jpg", "png", "jpeg", "webp") if k in sample), None)
     if image is None or "txt" not in sample:
-        return False
+        return None
     try:
-        if not sample["txt"].decode("utf-8").strip():
-            return False
+        text = sample["txt"].decode("utf-8")
+        if not text.strip():
+            return None
         with Image.open(io.BytesIO(image)) as decoded:
-            decoded.convert("RGB")
+            rgb = decoded.convert("RGB")
     except Exception:
-        return False
-    return True
+        return None
+    return preprocess(rgb), tokenizer(text)[0]
 
 
-def good_samples(paths: list) -> int:
-    """How many good samples one pass over the shards holds (any order: each shard is grouped on its own)."""
-    return sum(is_good(sample) for path in paths for sample in group_samples(readable_members(path)))
+def shard_samples(paths: list) -> list:
+    """(shard name, sample) for one pass over the shards (each shard grouped on its own, any shard order)."""
+    return [(path.name, sample) for path in paths for sample in group_samples(readable_members(path))]
+
+
+def take_matching(pair, references: list) -> bool:
+    """Remove from `references` one (image, tokens) exactly equal to `pair`; False when none is."""
+    for i, (image, tokens) in enumerate(references):
+        if torch.equal(image, pair[0]) and torch.equal(tokens, pair[1]):
+            del references[i]
+            return True
+    return False
+
+
+REASONS = r"no image|no caption|caption is not UTF-8|empty caption|undecodable \w+ \(\w+\)"
 
 
 @FUZZ
 @given(shards=st.lists(shard, min_size=1, max_size=3))
 def test_shard_reader_survives_random_and_malformed_shards(shards, preprocess_and_tokenizer):
+    preprocess, tokenizer = preprocess_and_tokenizer
     with tempfile.TemporaryDirectory() as folder:
         paths = [Path(folder) / f"f-{i:04d}.tar" for i in range(len(shards))]
         for path, spec in zip(paths, shards):
             write_shard(path, *spec)
-        good = good_samples(paths)
+        samples = shard_samples(paths)
+        decoded = [(name, sample, reference_decode(sample, preprocess, tokenizer)) for name, sample in samples]
+        references = [ref for _, _, ref in decoded if ref is not None]
+        bad_keys = {(name, sample["__key__"]) for name, sample, ref in decoded if ref is None}
         pattern = f"{folder}/f-{{0000..{len(shards) - 1:04d}}}.tar"
-        loader = make_train_stream(StreamSettings(pattern, *preprocess_and_tokenizer, batch_size=2, num_samples=4,
+        loader = make_train_stream(StreamSettings(pattern, preprocess, tokenizer, batch_size=2, num_samples=4,
                                                   workers=0), epoch=0).loader
         batches = list(loader)
+    good = len(references)
     # 2 batches of 2 make the epoch; a pass over the shards yields (good samples) // 2 full batches and is repeated
     # while it yields any, so: 2 batches when a pass holds 2 good samples, none when it does not
     event(f"good samples per pass: {min(good, 2)}+")
@@ -136,10 +159,21 @@ def test_shard_reader_survives_random_and_malformed_shards(shards, preprocess_an
     named = []
     for images, texts, report in batches:
         assert images.shape == (2, 3, 28, 28) and texts.shape == (2, 16)
+        # each batch is two distinct good samples of one pass, as PIL, preprocess and the tokenizer decode them
+        left = list(references)
+        assert all(take_matching(pair, left) for pair in zip(images, texts)), (good, texts)
         named += report["new_bad"]
-    # every bad sample a batch reports is counted, and named shard:key or by its shard's error
+    if good >= 4:  # both batches from the first pass: four distinct good samples
+        left = list(references)
+        assert all(take_matching(pair, left) for images, texts, _ in batches for pair in zip(images, texts))
+    # every bad sample a batch reports is counted, and named shard:key (a sample the independent grouping finds
+    # bad) or by its shard's error
     assert not batches or batches[-1][2]["bad"] == len(named)
     assert all("f-000" in name for name in named), named
+    for name in named:
+        sample_error = re.fullmatch(rf"(f-\d{{4}}\.tar):(.*): ({REASONS})", name, flags=re.S)
+        if sample_error:
+            assert sample_error.group(1, 2) in bad_keys, (name, bad_keys)
 
 
 def make_images(folder: Path) -> dict:

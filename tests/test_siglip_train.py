@@ -9,14 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from mrl_clip import models
 from mrl_clip.loss import MatryoshkaSigLipLoss
 from mrl_clip.train.loop import train_step
 from mrl_clip.train.plain_engine import PlainEngine
-from tests import numerics
+from tests import first_step, numerics
 from tests.conftest import ROOT, TINY, TINY_DIMS
-from tests.ds_grad_probe import seeded_batch
-from tests.test_deepspeed import STEPS, losses, train
+from tests.test_deepspeed import STEPS, train
 from tests.test_distributed_siglip import DIMS, WEIGHTS, SigLipTowers
 
 
@@ -50,32 +48,22 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def first_loss_tolerance(batch):
-    """Both runs evaluate the same float32 forward of the same seeded weights on the same first batch: the SigLIP
-    loss's own chain in the worst case (numerics.siglip_loss_tolerance) from features carrying the towers'
-    rounding (LAMBDA u sqrt(N) of their rows' scale, N counted on MRL-Tiny-28 at this batch size). Twice."""
-    torch.manual_seed(0)
-    model = models.create(TINY, siglip=True)[0]
-    loss_fn = MatryoshkaSigLipLoss(TINY_DIMS)
-    _, _, info = numerics.reference(model, seeded_batch(batch), loss_fn, TINY_DIMS, loss_fn.weights, sigmoid=True)
-    feature_error = numerics.LAMBDA * numerics.U32 * info["events"] ** 0.5
-    return 2 * numerics.siglip_loss_tolerance(10.0, -10.0, TINY_DIMS, loss_fn.weights, batch,
-                                              feature_error=feature_error)
-
-
-def test_both_engines_start_from_open_clip_trains_siglip_init_and_take_the_same_first_step(plain_run, ds_run):
+def test_both_engines_start_from_open_clip_trains_siglip_init_and_log_open_clips_first_loss(plain_run, ds_run,
+                                                                                            fmnist_data):
     """open_clip_train's --siglip creates the model with logit_scale log(10) and logit_bias -10: the first step's
-    loss uses exactly those (before any update), logs both and every dim's loss, and both engines compute it
-    from the same seeded weights on the same 2 x 32 samples."""
+    loss uses exactly those (before any update) and logs both; its loss and every dim's are, for both engines,
+    open_clip's SigLipLoss on each re-normalised prefix of the seeded initial model's features of the run's first
+    2 x 32 samples, within the float32 bound (tests/first_step.py)."""
+    features = first_step.first_step(TINY, fmnist_data["train"], 2048, 32, accum_freq=2, siglip=True)
+    error = first_step.feature_error(TINY, 64, TINY_DIMS, siglip=True)
     for run_dir in (plain_run, ds_run):
         logged = records(run_dir)
         assert [r["step"] for r in logged] == list(range(1, STEPS + 1))
         first = logged[0]
         assert abs(first["logit_scale"] - 10.0) <= 10.0 * numerics.gamma(2)  # exp of float32(log 10)
         assert first["logit_bias"] == -10.0
-        assert set(first["loss_dim"]) == {str(m) for m in TINY_DIMS}
         assert all("logit_bias" in r for r in logged)
-    assert abs(losses(ds_run)[0] - losses(plain_run)[0]) <= first_loss_tolerance(64)
+        first_step.assert_first_record_is_open_clips_loss(first, features, TINY_DIMS, [1.0] * len(TINY_DIMS), error)
 
 
 def test_checkpoints_and_exports_load_in_plain_open_clip_with_their_bias(plain_run, ds_run, tmp_path):

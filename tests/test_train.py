@@ -15,7 +15,7 @@ from mrl_clip.loss import MatryoshkaClipLoss
 from mrl_clip.train.loop import train_step
 from mrl_clip.train.plain_engine import PlainEngine, make_optimizer
 
-from . import numerics
+from . import first_step, numerics
 from .conftest import TINY, TINY_DIMS, TRAINED_RUN_FLAGS, run_module
 from .test_distributed import Towers, free_port
 
@@ -178,8 +178,14 @@ def test_accum_freq_takes_k_loader_batches_per_step(fmnist_data, tmp_path):
 
 
 def test_dim_weights_from_the_command_line_weigh_each_dims_loss(fmnist_data, tmp_path):
+    """Step 1 against open_clip's ClipLoss on each re-normalised prefix of the seeded initial model's features of
+    the run's first 32 samples, weighted 2 and 0.5 (tests/first_step.py); every step's total is its dims' losses
+    so weighted."""
     records = train_cli(fmnist_data, tmp_path, "weighted", "--dim-weights", "2,0.5", "--batch-size", "32",
                         "--max-steps", "2")
+    features = first_step.first_step(TINY, fmnist_data["train"], 2048, 32)  # 2048: sizes.json
+    first_step.assert_first_record_is_open_clips_loss(records[0], features, [32, 256], [2.0, 0.5],
+                                                      first_step.feature_error(TINY, 32, [32, 256]))
     for r in records:
         expected = 2 * r["loss_dim"]["32"] + 0.5 * r["loss_dim"]["256"]
         # the weights are powers of two (exact products): the float32 total is one rounded addition away
