@@ -1,7 +1,7 @@
 """DeepSpeed checkpoints of mrl_clip.train as open_clip checkpoints and `local-dir:` exports.
 
-    python -m mrl_clip.convert_deepspeed RUN/checkpoints/deepspeed --out exported/      # the latest step
-    python -m mrl_clip.convert_deepspeed RUN/checkpoints/deepspeed --tag step_2000 --out exported/
+    python -m mrl_clip convert-deepspeed RUN/checkpoints/deepspeed --out exported/      # the latest step
+    python -m mrl_clip convert-deepspeed RUN/checkpoints/deepspeed --tag step_2000 --out exported/
 
 writes OUT/step_N.pt (open_clip.create_model_and_transforms(MODEL, pretrained=...) loads it) and OUT/export/
 (`local-dir:OUT/export`, no mrl_clip needed). Works for any ZeRO stage and any number of ranks that wrote it.
@@ -14,7 +14,6 @@ for any step kept.
 import argparse
 import os
 import re
-import sys
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 from .. import models
 from ..checkpoint import export_local_dir, step_checkpoints
-from ..errors import ArgumentParser, UserError, run_cli
+from ..errors import ArgumentParser, UserError
 from ..files import atomic_torch_save
 from .engine import RunState
 
@@ -102,7 +101,7 @@ def quiet_stdout():
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="python -m mrl_clip.convert_deepspeed", description=__doc__,
+    p = ArgumentParser(prog="python -m mrl_clip convert-deepspeed", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ds_dir", help="a run's checkpoints/deepspeed folder")
     p.add_argument("--tag", default=None, help="step_N (default: the one 'latest' points at)")
@@ -127,6 +126,3 @@ def main(argv=None):
           f"local-dir:{out / 'export'}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))
