@@ -1,0 +1,63 @@
+"""k-nearest-neighbour classification at every nested dim: the MRL paper's headline metric for its ALIGN and
+ResNet models is 1-NN top-1 on ImageNet (the train split as the database).
+
+For each dim m, both sides are sliced to their first m dims and re-normalised; a test image's neighbours are the
+k train images of highest cosine similarity (faiss brute-force inner product). k = 1 takes the nearest label;
+k > 1 votes with each neighbour's cosine similarity as its weight. Ties in the vote go to the lowest class index,
+as scikit-learn's KNeighborsClassifier (scipy's mode / weighted_mode) breaks them, so that with
+`weights="uniform"` (k = 1) or `weights=lambda d: 1 - d` (cosine distance back to similarity) it predicts the same.
+Metric names follow CLIP_benchmark's style: knn{k}_acc1.
+"""
+import faiss
+import numpy as np
+
+from ..errors import UserError
+from ..quantize import normalized_prefix
+
+DEFAULT_KS = (1, 20)
+
+
+def metric_names(ks) -> list:
+    return [f"knn{k}_acc1" for k in ks]
+
+
+def check_ks(ks, database_size: int) -> list:
+    """Positive, distinct k, none above the number of database (train) vectors, in increasing order."""
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1:
+        raise UserError(f"--k takes positive integers, got {ks}")
+    if ks[-1] > database_size:
+        raise UserError(f"--k {ks[-1]} is more than the {database_size} train images")
+    return ks
+
+
+def neighbours(train_x, test_x, dim: int, k: int) -> tuple:
+    """(similarities, ids) [tests, k], most similar first: cosine of the re-normalised dim-prefixes."""
+    database = normalized_prefix(np.asarray(train_x), dim)
+    queries = normalized_prefix(np.asarray(test_x), dim)
+    return faiss.knn(queries, database, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def vote(similarities, ids, train_y, k: int, num_classes: int) -> np.ndarray:
+    """Predicted class per test row from its first k neighbours: the nearest one's label for k = 1, else the class
+    with the largest sum of similarities (ties: the lowest class)."""
+    labels = np.asarray(train_y)[ids[:, :k]]
+    if k == 1:
+        return labels[:, 0]
+    totals = np.zeros((len(labels), num_classes), dtype=np.float64)
+    np.add.at(totals, (np.arange(len(labels))[:, None], labels), similarities[:, :k].astype(np.float64))
+    return totals.argmax(axis=1)
+
+
+def knn_metrics(train_x, train_y, test_x, test_y, dims, ks=DEFAULT_KS) -> dict:
+    """{dim: {"knn{k}_acc1": top-1 accuracy}} with the train features as the database; one search per dim at the
+    largest k, each smaller k reads the first columns of it."""
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    ks = check_ks(ks, len(train_y))
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    results = {}
+    for dim in dims:
+        similarities, ids = neighbours(train_x, test_x, dim, ks[-1])
+        results[dim] = {f"knn{k}_acc1": float(np.mean(vote(similarities, ids, train_y, k, num_classes) == test_y))
+                        for k in ks}
+    return results
