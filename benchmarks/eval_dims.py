@@ -2,7 +2,7 @@
 
     python benchmarks/eval_dims.py [--quick] [--images 2000] [--repeats 5] [--threads 2]
 
-MRL-Tiny-28-P7-768 (768-d, so the default dims are the eight 8, 16, ..., 768) through `mrl_clip.eval`'s
+MRL-Tiny-28-P7-768 (768-d, so the default dims are the eight 8, 16, ..., 768) through `mrl_clip.eval.zeroshot`'s
 run_zeroshot — model creation, reading the CLIP_benchmark folder, encoding images and prompts, the metrics — with
 all eight dims and with the full width only, interleaved (A B, B A, ...); the result is the median of per-round
 time ratios. It also times the metrics alone on encoded features, the only part that grows with the dims.
@@ -15,8 +15,8 @@ import time
 import torch
 from common import CACHE, machine, median_ratio, write_result
 
-from mrl_clip.eval.main import run_zeroshot
 from mrl_clip.eval.report import default_dims, render_table
+from mrl_clip.eval.zeroshot import run_zeroshot
 from mrl_clip.models import embed_width
 from pipelines import fashion_mnist
 

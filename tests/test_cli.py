@@ -1,7 +1,10 @@
-"""User mistakes get one line on stderr and exit code 2, never a traceback: one table of bad inputs across
-mrl_clip.train, mrl_clip.eval, the pipelines and the SLURM job scripts. A row is (name, command, words the error
-line must hold); a row that needs files has a function that writes them and returns the command, run only for its
-own case."""
+"""The commands' wiring, and user mistakes as one line on stderr and exit code 2, never a traceback.
+
+The entry point: `python -m mrl_clip VERB`, the `mrl-clip` console script of pyproject.toml, and the two module
+spellings kept for users, torchrun and the SLURM scripts (`python -m mrl_clip.train`, `python -m mrl_clip.eval`).
+Bad inputs: one table across every verb, the pipelines and the SLURM job scripts. A row is (name, command, words
+the error line must hold); a row that needs files has a function that writes them and returns the command, run
+only for its own case."""
 import importlib
 import json
 import os
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mrl_clip import cli
 from mrl_clip.errors import run_cli
 
 from .conftest import ROOT, TINY, run_module
@@ -97,7 +101,7 @@ SLURM_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost", "MASTER_
 
 
 def damaged_index_file(tmp):
-    """An index file (mrl_clip.index build) with one byte of its stored embeddings flipped."""
+    """An index file (`mrl_clip index build`) with one byte of its stored embeddings flipped."""
     from mrl_clip.search import build
     from mrl_clip.search.embed import save_embeddings
 
@@ -157,7 +161,7 @@ def bad_inputs(data, tmp):
                      eval_folder_without(data, tmp, "classnames.txt")], "has no classnames.txt"),
         ("eval unknown embedding precision", zeroshot + ["--embedding-precision", "float32,int4"],
                                              "unknown precision 'int4'"),
-        ("embed unknown precision", ["mrl_clip.embed", "--model", TINY, "--texts", tmp / "t.txt", "--output",
+        ("embed unknown precision", ["mrl_clip", "embed", "--model", TINY, "--texts", tmp / "t.txt", "--output",
                                      tmp / "t.npz", "--precision", "int4"], "unknown precision 'int4'"),
         ("eval recall@0", ["mrl_clip.eval", "retrieval", "--model", TINY, "--data", data["eval"], "--recall-k", "0"],
                           "--recall-k must be positive"),
@@ -209,13 +213,15 @@ def bad_inputs(data, tmp):
                                     "--funnel", "int8@32:100,binary@256:10"], "precision must not drop"),
         ("funnel unknown precision", ["mrl_clip.eval", "retrieval", "--model", TINY, "--data", data["eval"],
                                       "--funnel", "int4@32:100,256:10"], "unknown precision 'int4'"),
-        ("index file corrupt", lambda: ["mrl_clip.index", "info", damaged_index_file(tmp)], "fails its checksum"),
+        ("index file corrupt", lambda: ["mrl_clip", "index", "info", damaged_index_file(tmp)], "fails its checksum"),
         ("index stage 1 unknown precision",
-            ["mrl_clip.index", "build", "--embeddings", tmp / "none.npz", "--stage1", "hnsw32-int2@32",
+            ["mrl_clip", "index", "build", "--embeddings", tmp / "none.npz", "--stage1", "hnsw32-int2@32",
              "--out", tmp / "x.index"], "unknown precision 'int2'"),
         ("csv empty caption",
             lambda: ["pipelines.captions_to_shards", "--out", tmp / "out", "--input",
                      pairs_file(tmp, "pairs.csv", "image,caption\nimg.png,  \n")], "pairs.csv:2: empty caption"),
+        ("no verb", ["mrl_clip"], "a verb is required, one of train, eval, embed"),
+        ("unknown verb", ["mrl_clip", "trian", "--model", TINY], "unknown verb 'trian'; choose from train, eval"),
     ]
 
 
@@ -224,8 +230,9 @@ CASES = [name for name, _, _ in bad_inputs({"train": "T", "eval": "E"}, Path("/n
 
 # Modules whose main() the table calls in-process through run_cli, exactly what `python -m MODULE` runs (a
 # subprocess per row would cost ~5 s of imports each); test_python_m_wiring checks each such `python -m` once.
-IN_PROCESS = {"mrl_clip.train": "mrl_clip.train.main", "mrl_clip.eval": "mrl_clip.eval.main",
-              "pipelines.captions_to_shards": "pipelines.captions_to_shards", "mrl_clip.index": "mrl_clip.search.build"}
+IN_PROCESS = {"mrl_clip": "mrl_clip.cli", "mrl_clip.train": "mrl_clip.train.main",
+              "mrl_clip.eval": "mrl_clip.eval.main",
+              "pipelines.captions_to_shards": "pipelines.captions_to_shards"}
 
 
 def run_row(args, capfd):
@@ -257,47 +264,60 @@ def test_bad_input_is_one_line_and_exit_2(index, fmnist_data, tmp_path, capfd):
     assert not (tmp_path / "out").exists(), "the pipeline wrote output before checking its input"
 
 
-# every `python -m` entry point, the ones kept from the flat layout too (mrl_clip.embed, mrl_clip.convert_deepspeed)
-ENTRY_POINTS = list(IN_PROCESS) + ["mrl_clip.search", "mrl_clip.search.embed", "mrl_clip.embed",
-                                   "mrl_clip.train.convert_deepspeed", "mrl_clip.convert_deepspeed"]
+def error_lines(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.parametrize("module", ENTRY_POINTS)
-def test_python_m_wiring(module, tmp_path):
-    result = run_module(module, timeout=120)  # no arguments at all
+@pytest.mark.parametrize("verb", list(cli.VERBS))
+def test_each_verb_runs_its_commands_main(verb, capfd):
+    """`python -m mrl_clip VERB` with no flags reaches that command's own parser: one line naming the command
+    (its prog: `python -m mrl_clip VERB`, or `python -m mrl_clip.train` / `.eval`) and a missing flag, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        run_cli(cli.main, [verb])
+    stderr = capfd.readouterr().err
+    lines = error_lines(stderr)
+    assert exited.value.code == 2 and len(lines) == 1 and "required" in lines[0], stderr[-2000:]
+    prog = lines[0].removeprefix("error: ").split(":")[0]
+    assert prog in (f"python -m mrl_clip {verb}", f"python -m mrl_clip.{verb}"), lines[0]
+
+
+def test_help_lists_every_verb(capsys):
+    assert cli.main(["--help"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.split("verbs:\n")[1].split("\n\n")[0].splitlines()]
+    assert listed == list(cli.VERBS)
+
+
+# every `python -m` spelling, each run once as a user runs it (no flags at all: one line, exit 2)
+PYTHON_M = [["mrl_clip", "index"], ["mrl_clip.train"], ["mrl_clip.eval"], ["pipelines.captions_to_shards"]]
+
+
+@pytest.mark.parametrize("command", PYTHON_M, ids=" ".join)
+def test_python_m_wiring(command):
+    result = run_module(*command, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and "required" in lines[0], result.stderr[-2000:]
 
 
-def row_identity(args, folder: Path) -> tuple:
-    """What a row runs: its command and the bytes of every file it wrote in its folder."""
-    torch.manual_seed(0)  # rows that write a freshly initialised model write the same bytes every time
-    args = args() if callable(args) else args
-    command = json.dumps([a if isinstance(a, dict) else str(a) for a in args], sort_keys=True)
-    return command, tuple(sorted((str(p.relative_to(folder)), p.read_bytes()) for p in folder.rglob("*")
-                                 if p.is_file()))
+def test_console_script_is_the_cli():
+    """The `mrl-clip` entry of pyproject.toml's [project.scripts], parsed by importlib.metadata as pip reads it, run
+    the way pip's generated script runs it (import the entry's object, sys.exit(object())). The venv's own
+    mrl-clip, if any, was generated from whichever checkout was installed, so this checkout's entry is run."""
+    import tomllib
+    from importlib.metadata import EntryPoint
 
-
-def table_identities(data, folder: Path) -> list:
-    """Each row built alone in the same (emptied) folder, so that rows differ only by what they are."""
-    identities = []
-    for index in range(len(CASES)):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        _, args, _ = bad_inputs(data, folder)[index]
-        identities.append(row_identity(args, folder))
-    return identities
-
-
-def test_the_table_holds_at_least_20_distinct_bad_inputs(fmnist_data, tmp_path):
-    assert len(CASES) >= 20 and len(set(CASES)) == len(CASES), CASES
-    identities = table_identities(fmnist_data, tmp_path / "row")
-    duplicates = [(CASES[i], CASES[identities.index(row)]) for i, row in enumerate(identities)
-                  if identities.index(row) != i]
-    assert not duplicates, duplicates
-    # built again, every row is the same: two equal rows could not hide behind different bytes
-    assert table_identities(fmnist_data, tmp_path / "row") == identities
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    entry = EntryPoint(name="mrl-clip", value=scripts["mrl-clip"], group="console_scripts")
+    assert entry.load() is cli.run
+    script = f"import sys\nfrom {entry.module} import {entry.attr}\nsys.exit({entry.attr}())"
+    runs = {args: subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120,
+                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            for args in (("--help",), ("convert-deepspeed", "--out", "x"))}
+    helped, failed = runs[("--help",)], runs[("convert-deepspeed", "--out", "x")]
+    assert helped.returncode == 0 and all(f"  {verb} " in helped.stdout for verb in cli.VERBS), helped.stdout
+    lines = error_lines(failed.stderr)
+    assert failed.returncode == 2 and len(lines) == 1, failed.stderr[-2000:]
+    assert lines[0] == "error: python -m mrl_clip convert-deepspeed: the following arguments are required: ds_dir"
 
 
 def test_shards_with_no_usable_sample_stop_with_a_message(tmp_path):

@@ -161,7 +161,7 @@ def test_deepspeed_run_writes_open_clip_checkpoints_and_converts(ds_run, tmp_pat
     assert sorted(p.name for p in (ds_run / "checkpoints").glob("step_*.pt")) == [f"step_{STEPS}.pt"]
     written = weights(ds_run, STEPS)
     for tag in ("step_2", f"step_{STEPS}"):
-        result = run_module("mrl_clip.convert_deepspeed", ds_dir, "--tag", tag, "--out", tmp_path / tag)
+        result = run_module("mrl_clip", "convert-deepspeed", ds_dir, "--tag", tag, "--out", tmp_path / tag)
         assert result.returncode == 0, result.stderr[-2000:]
     converted = torch.load(tmp_path / f"step_{STEPS}" / f"step_{STEPS}.pt", weights_only=True)
     assert converted["step"] == STEPS and converted["model"] == TINY and converted["dims"] == TINY_DIMS

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import open_clip
@@ -11,11 +12,11 @@ from mrl_clip.eval import cascade as cascade_module
 from mrl_clip.eval import main as eval_main
 from mrl_clip.eval import probe as probe_module
 from mrl_clip.eval.cascade import DEFAULT_THRESHOLDS
-from mrl_clip.eval.main import run_zeroshot
 from mrl_clip.eval.zeroshot import (
     encode_class_prompts,
     encode_images,
     load_classification_folder,
+    run_zeroshot,
     zeroshot_metrics,
 )
 
@@ -38,6 +39,23 @@ from .references import (
 def export_model(trained_run):
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{trained_run['export']}")
     return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{trained_run['export']}")
+
+
+@pytest.fixture(scope="module")
+def encoded(export_model, fmnist_data):
+    """(image features, labels, prompt features) of the test split, encoded here by open_clip's own model of the
+    export on one thread with the CLI's default batch size: what a one-thread `mrl_clip.eval zeroshot` of the
+    export computes, to the bit (the same weights, kernels and batches)."""
+    model, preprocess, tokenizer = export_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = load_classification_folder(str(fmnist_data["eval"]), preprocess)
+        images, labels = encode_images(model, data.dataset, batch_size=256)
+        prompts = encode_class_prompts(model, tokenizer, data.classnames, data.templates)
+    finally:
+        torch.set_num_threads(threads)
+    return images, labels, prompts
 
 
 def test_full_width_equals_clip_benchmark_evaluate(export_model, fmnist_data):
@@ -77,19 +95,15 @@ def zero_shot_logits64(images, prompts, m):
     return 100.0 * img @ classifier.T
 
 
-def test_each_dim_matches_a_float64_recomputation(export_model, fmnist_data):
-    """Our float32 metrics from the encoded features = float64 ones from the same features, except where float32
-    rounding may decide an argmax: an image whose best two classes' float64 cosines are within twice the float32
-    score error may go either way (each such image moves acc1 by 1/N and its class's recall by 1/n_class).
+def assert_zeroshot_matches_float64(metrics, images, labels, prompts, dims):
+    """Float32 metrics {dim: {...}} from these features against float64 ones from the same features, except where
+    float32 rounding may decide a ranking: an image whose float64 cosines at the boundary (its best two classes
+    for acc1, its 5th and 6th for acc5) are within twice the float32 score error may go either way (each such image
+    moves acc1 or acc5 by 1/N and its class's recall by 1/n_class).
     Score error, worst case: the image's normalisation gamma(m + 3); the classifier's, each prompt normalised
     (gamma(m + 3)), averaged over T templates (gamma(T + 1)) into a vector of norm |c| <= 1 and re-normalised:
     (gamma(m + 3) + gamma(T + 1)) / |c| + gamma(m + 3); the dot product gamma(m); the 100x scale is common."""
-    model, preprocess, tokenizer = export_model
-    data = load_classification_folder(str(fmnist_data["eval"]), preprocess)
-    images, labels = encode_images(model, data.dataset)
-    prompts = encode_class_prompts(model, tokenizer, data.classnames, data.templates)
-    metrics = zeroshot_metrics(images, labels, prompts, TINY_DIMS)
-    for m in TINY_DIMS:
+    for m in dims:
         img = images[:, :m].double()
         img = img / img.norm(dim=1, keepdim=True)
         per_prompt = prompts[..., :m].double()
@@ -100,27 +114,40 @@ def test_each_dim_matches_a_float64_recomputation(export_model, fmnist_data):
         scores = img @ classifier.T
         predicted = scores.argmax(dim=1)
         acc1 = (predicted == labels).double().mean().item()
+        acc5 = (scores.topk(5, dim=1).indices == labels[:, None]).any(dim=1).double().mean().item()
         recalls = [(predicted[labels == c] == c).double().mean().item() for c in labels.unique()]
         g = numerics.gamma
         error = 2 * g(m + 3) + (g(m + 3) + g(prompts.shape[1] + 1)) / mean_norm + g(m)
-        top2 = scores.topk(2, dim=1).values
-        undecided = (top2[:, 0] - top2[:, 1] <= 2 * error).double()
+        top6 = scores.topk(6, dim=1).values
+        undecided = (top6[:, 0] - top6[:, 1] <= 2 * error).double()
+        undecided5 = (top6[:, 4] - top6[:, 5] <= 2 * error).double()
         exact = numerics.gamma(len(recalls), numerics.U64)  # the float64 means themselves
-        assert abs(metrics[m]["acc1"] - acc1) <= undecided.mean().item() + exact
+        assert abs(metrics[m]["acc1"] - acc1) <= undecided.mean().item() + exact, (m, metrics[m], acc1)
+        assert abs(metrics[m]["acc5"] - acc5) <= undecided5.mean().item() + exact, (m, metrics[m], acc5)
         per_class = sum(undecided[labels == c].mean().item() for c in labels.unique()) / len(recalls)
         assert abs(metrics[m]["mean_per_class_recall"] - sum(recalls) / len(recalls)) <= per_class + exact
 
 
-def test_eval_cli_writes_table_json_and_plot(trained_run, fmnist_data, tmp_path):
-    result = run_module("mrl_clip.eval", "zeroshot", "--model", TINY, "--pretrained", trained_run["checkpoint"],
-                        "--data", fmnist_data["eval"], "--dims", "8,64,256", "--output", tmp_path / "r.json",
-                        "--plot", tmp_path / "r.png")
+def test_each_dim_matches_a_float64_recomputation(encoded):
+    assert_zeroshot_matches_float64(zeroshot_metrics(*encoded, TINY_DIMS), *encoded, TINY_DIMS)
+
+
+def test_eval_cli_json_and_table_match_a_float64_recount(trained_run, fmnist_data, encoded, tmp_path):
+    """`python -m mrl_clip.eval zeroshot` on one thread: its JSON at each dim against a float64 recount from the
+    features `encoded` computed (the same ones the CLI computed), its table the JSON's numbers in %, and a plot."""
+    export = f"local-dir:{trained_run['export']}"
+    result = run_module("mrl_clip.eval", "zeroshot", "--model", export, "--data", fmnist_data["eval"],
+                        "--dims", "8,64,256", "--output", tmp_path / "r.json", "--plot", tmp_path / "r.png",
+                        env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "mean_per_class_recall" in result.stdout.splitlines()[0]
-    assert [line.split()[0] for line in result.stdout.splitlines()[2:]] == ["8", "64", "256"]
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["task"] == "zeroshot" and report["dims"] == [8, 64, 256]
-    assert set(report["metrics"]["8"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert (report["task"], report["model"], report["dims"]) == ("zeroshot", export, [8, 64, 256])
+    assert report["metrics"] == report["models"]["export"]["metrics"]
+    assert_zeroshot_matches_float64({int(m): v for m, v in report["metrics"].items()}, *encoded, [8, 64, 256])
+    header, rule, *rows = result.stdout.splitlines()
+    assert header.split() == ["dim", "acc1", "acc5", "mean_per_class_recall"]
+    assert [row.split() for row in rows] == [[m] + [f"{100 * report['metrics'][m][name]:.2f}" for name in
+                                                    header.split()[1:]] for m in ("8", "64", "256")]
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 
@@ -197,6 +224,31 @@ def test_linear_probe_cli_learns_saves_heads_beside_checkpoint_and_caches(traine
     assert again.returncode == 0, again.stderr[-2000:]
     assert "train images" not in again.stderr  # nothing re-encoded
     assert len(list(cache.glob("features-*.pt"))) == 2
+
+
+def test_linear_probe_of_an_export_saves_heads_inside_it(trained_run, fmnist_data, tmp_path):
+    """`eval linear-probe --model local-dir:EXPORT` writes EXPORT/heads/KIND.safetensors and changes nothing else
+    in EXPORT; reloaded through mrl_clip.heads and given the cached test features z-scored with the statistics
+    saved in the file, the heads give the reported lp_acc1 / lp_acc5 (top-k recounted on their logits)."""
+    from mrl_clip.heads import load_heads
+
+    export = tmp_path / "export"
+    shutil.copytree(trained_run["export"], export)
+    before = {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    assert eval_main.main(["linear-probe", "--model", f"local-dir:{export}", "--data", str(fmnist_data["eval"]),
+                           "--dims", "8,256", "--probes", "mrl-e", "--cache-dir", str(tmp_path / "cache"),
+                           "--output", str(tmp_path / "lp.json")]) == 0
+    entry = json.loads((tmp_path / "lp.json").read_text())["models"]["export [mrl-e]"]
+    path = export / "heads" / "mrl-e.safetensors"
+    assert entry["probe"]["heads"] == str(path)
+    after = {p.relative_to(export): p.read_bytes() for p in export.rglob("*") if p.is_file()}
+    assert after.pop(path.relative_to(export)) and after == before
+    heads, meta = load_heads(path)
+    assert (meta["model"], meta["kind"], heads.dims) == (f"local-dir:{export}", "mrl-e", [8, 256]) and heads.efficient
+    test_x, test_y = cached_splits(tmp_path / "cache")["test"]
+    with torch.no_grad():
+        logits = heads((test_x - meta["feature_mean"]) / meta["feature_std"])
+    assert_probe_metrics_match({int(m): v for m, v in entry["metrics"].items()}, logits, test_y)
 
 
 def cached_splits(cache) -> dict:

@@ -1,5 +1,5 @@
 """Funnel stages below float32 (binary sign bits, int8 / float16 scalar quantisation) against numpy
-re-computations, and the index file of `python -m mrl_clip.index build`: round trip, search CLI, damaged files."""
+re-computations, and the index file of `python -m mrl_clip index build`: round trip, search CLI, damaged files."""
 import json
 
 import numpy as np
@@ -201,7 +201,7 @@ def test_damaged_index_file_is_one_line_from_the_search_cli(embeddings_file, tmp
     build.main(["build", "--embeddings", str(embeddings_file / "db.npz"), "--stage1", "int8@32", "--out",
                 str(path)])
     path.write_bytes(path.read_bytes()[:-1])
-    result = run_module("mrl_clip.search", "--index", path, "--queries", embeddings_file / "queries.npz",
+    result = run_module("mrl_clip", "search", "--index", path, "--queries", embeddings_file / "queries.npz",
                         timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -223,13 +223,14 @@ def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
 
     export = f"local-dir:{trained_run['export']}"
     index_file, texts_file = tmp_path / "photos.npz", tmp_path / "queries.npz"
-    result = run_module("mrl_clip.embed", "--model", export, "--images", image_folder, "--output", index_file,
+    result = run_module("mrl_clip", "embed", "--model", export, "--images", image_folder, "--output", index_file,
                         "--dtype", "float16")
     assert result.returncode == 0, result.stderr[-3000:]
     captions = tmp_path / "captions.txt"
     queries = ["a photo of a sandal.", "a photo of a trouser.", "a bag."]
     captions.write_text("\n".join(queries) + "\n")
-    assert run_module("mrl_clip.embed", "--model", export, "--texts", captions, "--output", texts_file).returncode == 0
+    embedded = run_module("mrl_clip", "embed", "--model", export, "--texts", captions, "--output", texts_file)
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
 
     with np.load(index_file) as stored:
         embeddings, items = stored["embeddings"], list(stored["items"])
@@ -243,7 +244,7 @@ def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
         text = model.encode_text(open_clip.get_tokenizer(export)(queries)).numpy()
     for dim in (16, 256):
         hits = tmp_path / f"hits{dim}.json"
-        result = run_module("mrl_clip.search", "--index", index_file, "--text", queries[0], "--text", queries[1],
+        result = run_module("mrl_clip", "search", "--index", index_file, "--text", queries[0], "--text", queries[1],
                             "--text", queries[2], "--dim", dim, "--k", 5, "--output", hits)
         assert result.returncode == 0, result.stderr[-3000:]
         found = json.loads(hits.read_text())["queries"]
@@ -257,14 +258,15 @@ def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
     outputs = {}
     for how in (["--dim", "256", "--k", "5"], ["--funnel", "256:20,256:5"]):
         path = tmp_path / f"hits_{how[0][2:]}.json"
-        result = run_module("mrl_clip.search", "--index", index_file, "--queries", texts_file, *how, "--output", path)
+        result = run_module("mrl_clip", "search", "--index", index_file, "--queries", texts_file, *how,
+                            "--output", path)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[how[0]] = [[h["id"] for h in q["results"]] for q in json.loads(path.read_text())["queries"]]
     assert outputs["--dim"] == outputs["--funnel"]
 
     # an image finds itself first
     query_image = sorted(image_folder.glob("*.png"))[7]
-    result = run_module("mrl_clip.search", "--index", index_file, "--image", query_image, "--k", 3)
+    result = run_module("mrl_clip", "search", "--index", index_file, "--image", query_image, "--k", 3)
     assert result.returncode == 0, result.stderr[-3000:]
     first = result.stdout.splitlines()[1].split()
     assert first[0] == "1" and first[2] == str(query_image) and float(first[1]) > 0.999
@@ -297,7 +299,7 @@ def test_search_errors_are_user_errors(small_index, args, message):
 
 
 def test_search_error_is_one_line(small_index):
-    result = run_module("mrl_clip.search", "--index", small_index, "--text", "x", "--dim", "300", timeout=120)
+    result = run_module("mrl_clip", "search", "--index", small_index, "--text", "x", "--dim", "300", timeout=120)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] == "error: --dim 300 is outside 1..256 (the width of " \

@@ -1,4 +1,4 @@
-"""The packaged pretrained towers (mrl_clip.towers) and the ALIGN-style configs, each against an independent
+"""The packaged pretrained towers (`mrl_clip towers`) and the ALIGN-style configs, each against an independent
 reference: the EfficientNet-Lite reference implementation, a direct transformers forward with
 sentence-transformers' mean pooling, plain open_clip without mrl_clip, and CLIP_benchmark's CLI."""
 import json
@@ -86,8 +86,8 @@ def test_install_is_idempotent_and_an_interrupted_one_never_looks_installed(towe
     hub = towers_cache["hub"]
     weights = towers.snapshot(hub, towers.IMAGE_REPO) / "model.safetensors"
     before = weights.stat()
-    again = run_module("mrl_clip.towers", "install", env={"HF_HOME": str(towers_cache["home"]),
-                                                          "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
+    again = run_module("mrl_clip", "towers", "install",
+                       env={"HF_HOME": str(towers_cache["home"]), "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"})
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already installed") == 2 and "wrote" in towers_cache["stdout"]
     assert weights.stat().st_ino == before.st_ino and weights.stat().st_mtime == before.st_mtime
@@ -117,7 +117,7 @@ def test_missing_towers_are_one_line_exit_2(fmnist_data, tmp_path):
     result = run_module("mrl_clip.eval", "zeroshot", "--model", ALIGN, "--data", fmnist_data["eval"], env=empty)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "python -m mrl_clip.towers install" in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and "python -m mrl_clip towers install" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 
 

@@ -9,10 +9,12 @@ import sys
 import time
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
-from mrl_clip.eval.main import run_retrieval
+from mrl_clip.eval.zeroshot import run_zeroshot
+from mrl_clip.eval.zeroshot_retrieval import run_retrieval
 from mrl_clip.train.validate import ValSchedule
 
 from .conftest import ROOT, TINY, run_module
@@ -55,9 +57,10 @@ def test_epoch_validation_follows_open_clips_val_frequency():
                 assert ours == sorted(by_epoch | by_step), (epochs, frequency, every)
 
 
-def test_validation_leaves_the_weights_and_optimizer_bitwise(fmnist_data, tmp_path):
+def test_validation_leaves_the_weights_and_optimizer_bitwise(fmnist_data, tmp_path, one_thread):
     """Two epochs of 4 steps with and without --val-data (zero-shot, every 3 steps and every epoch): the same
-    weights and optimizer state to the bit, on a model whose training draws from torch's global RNG."""
+    weights and optimizer state to the bit, on a model whose training draws from torch's global RNG. The last
+    validation's records are mrl_clip.eval's zero-shot of the checkpoint saved at that step."""
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / f"{DROPOUT_MODEL}.json").write_text(json.dumps(DROPOUT_CONFIG))
@@ -71,6 +74,11 @@ def test_validation_leaves_the_weights_and_optimizer_bitwise(fmnist_data, tmp_pa
     assert set(records[0]["val_dim"]["64"]) == {"acc1", "acc5", "mean_per_class_recall"}
     final = [torch.load(run / "checkpoints" / "step_8.pt", weights_only=True) for run in (plain, validated)]
     assert_same_training_state(*final)
+    # the same features as the trainer's validation (its batch size, one thread, eval mode): equal, not close
+    open_clip.add_model_config(configs)
+    fresh = run_zeroshot(DROPOUT_MODEL, str(validated / "checkpoints" / "step_8.pt"), str(fmnist_data["eval"]),
+                         [16, 64], batch_size=32)
+    assert fresh["metrics"] == records[-1]["val_dim"]
 
 
 def scalars(run_dir) -> dict:

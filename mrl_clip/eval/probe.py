@@ -20,14 +20,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import models
 from ..dims import check_dims, check_weights
 from ..errors import UserError
 from ..files import atomic_torch_save
-from ..heads import MRLHeads
-from ..models import local_dir
-from .zeroshot import top1_top5
+from ..heads import MRLHeads, save_heads
+from .report import by_dim, dims_for, write_report
+from .zeroshot import encode_images, load_classification_folder, top1_top5
 
 KINDS = ("mrl", "mrl-e", "fixed")
+METRICS = ["lp_acc1", "lp_acc5"]
 DEFAULT_GRID = {"weight_decay": [0.0, 1e-4, 1e-3, 1e-2, 1e-1]}
 CACHE_KEY_FIELDS = ("model", "checkpoint", "dataset", "split")
 
@@ -173,7 +175,7 @@ def select_and_train(train_x, train_y, dims, num_classes, kind, grid=None, val_f
 def checkpoint_identity(checkpoint) -> dict:
     """What makes a checkpoint distinct for caching: a file's resolved path + size + mtime_ns, a folder's
     (a `local-dir:` export) files likewise, or otherwise the string itself (a pretrained tag such as 'openai')."""
-    path = local_dir(str(checkpoint)) or Path(str(checkpoint))
+    path = models.local_dir(str(checkpoint)) or Path(str(checkpoint))
     if path.is_file():
         st = path.stat()
         return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -212,3 +214,87 @@ def cached_features(cache_dir, key: dict, compute: Callable):
     features, labels = features.float().cpu(), torch.as_tensor(labels).long().cpu()
     atomic_torch_save({"features": features, "labels": labels, "key": key_text}, path)
     return features, labels
+
+
+def load_with_features(args, name, pretrained, splits):
+    """The model, its preprocess and tokenizer, and {split: (full-width image features, labels)} through the
+    feature cache (key: model, checkpoint identity, data folder, split; never the dims)."""
+    model, _, preprocess, tokenizer = models.create(name, pretrained, device=args.device)
+    model.eval()
+    cache = args.cache_dir or str(Path(args.data) / ".mrl_clip_cache")
+    features = {}
+    for split in splits:
+        key = {"model": name, "checkpoint": checkpoint_identity(pretrained or name),
+               "dataset": str(Path(args.data).resolve()), "split": split}
+        features[split] = cached_features(cache, key, lambda: encode_images(
+            model, load_classification_folder(args.data, preprocess, split, need_prompts=False).dataset,
+            args.device, args.batch_size, args.workers, desc=f"{split} images"))
+    return model, preprocess, tokenizer, features
+
+
+def standardized_probe_data(args, name, pretrained):
+    """Train and test features, z-scored with the train statistics, and the class count."""
+    _, _, _, features = load_with_features(args, name, pretrained, [args.train_split, args.split])
+    (train_x, train_y), (test_x, test_y) = features[args.train_split], features[args.split]
+    mean, std = feature_stats(train_x)
+    train_x, test_x = standardize(train_x, test_x)
+    return train_x, train_y, test_x, test_y, int(max(train_y.max(), test_y.max())) + 1, {"mean": mean, "std": std}
+
+
+def heads_path(args, name, pretrained, kind) -> Path:
+    """--heads-dir, else beside the checkpoint (CKPT.heads/), else inside a local-dir: export (EXPORT/heads/)."""
+    if args.heads_dir:
+        folder = Path(args.heads_dir)
+    elif pretrained:
+        folder = Path(pretrained).parent / f"{Path(pretrained).stem}.heads"
+    elif models.local_dir(name) is not None:
+        folder = models.local_dir(name) / "heads"
+    else:
+        folder = Path("heads") / name
+    return folder / f"{kind}.safetensors"
+
+
+def run_linear_probe(args, name, pretrained, dims, kinds):
+    """{kind: {"dims", "metrics", "probe"}}: heads trained on --train-split, measured on --split, saved beside
+    the checkpoint (never inside open_clip's state_dict)."""
+    train_x, train_y, test_x, test_y, num_classes, stats = standardized_probe_data(args, name, pretrained)
+    results = {}
+    for kind in kinds:
+        heads, info = select_and_train(train_x, train_y, dims, num_classes, kind)
+        path = heads_path(args, name, pretrained, kind)
+        # the heads expect features z-scored with these train statistics
+        save_heads(path, heads, {"model": name, "pretrained": pretrained, "kind": kind,
+                                 "chosen": info["chosen"], "feature_mean": stats["mean"],
+                                 "feature_std": stats["std"]})
+        metrics = probe_metrics(heads, test_x, test_y, dims)
+        results[kind] = {"dims": dims, "metrics": by_dim(metrics),
+                         "probe": {"chosen": info["chosen"], "val_acc1": by_dim(info["val_acc1"]),
+                                   "heads": str(path)}}
+    return results
+
+
+def add_feature_flags(sub):
+    """The flags of the tasks that fit on cached image features (linear-probe, cascade)."""
+    sub.add_argument("--train-split", default="train", help="split the probes are trained on")
+    sub.add_argument("--cache-dir", default=None, help="feature cache (default: DATA/.mrl_clip_cache)")
+
+
+def add_flags(sub):
+    add_feature_flags(sub)
+    sub.add_argument("--probes", default=",".join(KINDS), help="any of mrl, mrl-e, fixed")
+    sub.add_argument("--heads-dir", default=None, help="where trained heads are saved (default: beside the checkpoint)")
+
+
+def run_task(args, entries, requested) -> int:
+    """`eval linear-probe`: each model's probes of each kind at each dim, reported together (a row block per
+    model and kind)."""
+    kinds = [k.strip() for k in args.probes.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise UserError(f"--probes takes {', '.join(KINDS)}; got {args.probes!r}")
+    results = {}
+    for label, name, ckpt in entries:
+        for kind, result in run_linear_probe(args, name, ckpt, dims_for(name, requested), kinds).items():
+            results[f"{label} [{kind}]"] = result
+    write_report(args, results, METRICS)
+    return 0

@@ -1,6 +1,9 @@
-"""Tables and plots of metrics per nested dim."""
+"""What an evaluation reports: the dims it covers, and its tables, JSON and plots of metrics per nested dim."""
 from pathlib import Path
 
+from .. import models
+from ..dims import check_dims
+from ..files import write_json
 from ..quantize import bytes_per_vector
 
 
@@ -10,6 +13,17 @@ def default_dims(width: int, smallest: int = 8) -> list[int]:
         dims.append(m)
         m *= 2
     return dims + [width]
+
+
+def dims_for(name: str, requested) -> list:
+    """The requested dims checked against the model's embedding width, or by default 8, 16, ... up to it."""
+    width = models.embed_width(name)
+    return check_dims(requested, width) if requested else default_dims(width)
+
+
+def by_dim(metrics: dict) -> dict:
+    """{dim: ...} with the dims as the strings JSON keys are."""
+    return {str(m): v for m, v in metrics.items()}
 
 
 def render_table(header: list, rows: list) -> str:
@@ -135,3 +149,29 @@ def plot_precisions(models: dict, metrics: list, path, title: str = "") -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     save_panels(fig, axes, len(metrics), path, title)
+
+
+def write_report(args, results: dict, metric_names: list, extra_tables=(), first_model=None) -> None:
+    """Print the table (one per stored precision too, then `extra_tables`), write the --output JSON {"task", "data",
+    "split", "models": results} and the --plot PNGs. `first_model` (name, pretrained) of a one-model zero-shot or
+    retrieval run adds the top-level fields of earlier versions to the JSON, so their readers keep working."""
+    quantized = any("quantized" in result for result in results.values())
+    print(format_table(results, metric_names))
+    if quantized:
+        print("\n" + format_quantized_tables(results, metric_names))
+    for table in extra_tables:
+        print("\n" + table)
+    if args.output:
+        report = {"task": args.task, "data": args.data, "split": args.split, "models": results}
+        if first_model:
+            first = next(iter(results.values()))
+            report.update(model=first_model[0], pretrained=first_model[1], dims=first["dims"],
+                          metrics=first["metrics"])
+            if "quantized" in first:
+                report["quantized"] = first["quantized"]
+        write_json(report, args.output)
+    if args.plot:
+        plot_metrics(results, metric_names, args.plot, title=f"{args.task}: metric vs embedding dim")
+        if quantized:
+            plot_precisions(results, metric_names, precision_plot_path(args.plot),
+                            title=f"{args.task}: metric vs bytes per vector, one line per precision")

@@ -15,8 +15,11 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import quantize
+from .. import models, quantize
 from ..errors import UserError
+from .report import by_dim, dims_for, write_report
+
+METRICS = ["acc1", "acc5", "mean_per_class_recall"]
 
 
 @dataclass
@@ -129,3 +132,41 @@ def encode_classification(model, tokenizer, data: ClassificationSet, dims, devic
 
 def evaluate_zeroshot(model, tokenizer, data: ClassificationSet, dims, device="cpu", batch_size=256, workers=0):
     return zeroshot_metrics(*encode_classification(model, tokenizer, data, dims, device, batch_size, workers), dims)
+
+
+def run_zeroshot(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256, workers=0,
+                 precisions=()):
+    """{"dims": [...], "metrics": {"<dim>": {...}}} for one model, and with precisions other than float32
+    "quantized": {precision: {"<dim>": {...metrics, "bytes_per_vector"}}}."""
+    dims = dims_for(model_name, dims)
+    model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device)
+    dataset = load_classification_folder(data, preprocess, split)
+    features = encode_classification(model, tokenizer, dataset, dims, device, batch_size, workers)
+    result = {"dims": dims, "metrics": by_dim(zeroshot_metrics(*features, dims))}
+    if precisions:
+        result["quantized"] = {p: by_dim(quantized_zeroshot_metrics(*features, dims, p)) for p in precisions}
+    return result
+
+
+def add_precision_flag(sub):
+    sub.add_argument("--embedding-precision", default="float32", metavar="P,...",
+                     help="also score each dim with the stored side at these precisions: any of "
+                          f"{', '.join(quantize.PRECISIONS)} (see mrl_clip.quantize)")
+
+
+def stored_precisions(args) -> list:
+    """The --embedding-precision precisions scored besides float32."""
+    return [p for p in quantize.parse_precisions(args.embedding_precision) if p != "float32"]
+
+
+def add_flags(sub):
+    add_precision_flag(sub)
+
+
+def run_task(args, entries, requested) -> int:
+    """`eval zeroshot`: each model's metrics at each dim (and at each stored precision), reported together."""
+    precisions = stored_precisions(args)
+    results = {label: run_zeroshot(name, ckpt, args.data, requested, args.split, args.device, args.batch_size,
+                                   args.workers, precisions) for label, name, ckpt in entries}
+    write_report(args, results, METRICS, first_model=entries[0][1:] if len(entries) == 1 else None)
+    return 0

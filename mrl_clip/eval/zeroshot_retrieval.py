@@ -13,9 +13,13 @@ from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import quantize
+from .. import models, quantize
+from ..dims import parse_int_list
 from ..errors import UserError
-from .zeroshot import check_wds_folder
+from ..search.index import format_funnel, parse_funnel
+from ..search.store import parse_stage1
+from .report import by_dim, dims_for, render_table, write_report
+from .zeroshot import add_precision_flag, check_wds_folder, stored_precisions
 
 
 def dataset_type(folder: str) -> str:
@@ -149,3 +153,69 @@ def funnel_retrieval_metrics(image_features, text_features, text_image_index, st
         out[kind] = {"metrics": {**image_side, **text_side},
                      "ms_per_query": {"image_retrieval": image_ms, "text_retrieval": text_ms}}
     return out
+
+
+def run_retrieval(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256,
+                  recall_k=(1, 5, 10), funnel=None, precisions=(), stage1=None):
+    """{"dims", "metrics"}; with a funnel spec, "funnel": the same recall@K through funnel search and exact
+    full-width search, with ms per query of each; with precisions other than float32, "quantized" as zero-shot's."""
+    dims = dims_for(model_name, dims)
+    stages = parse_funnel(funnel, models.embed_width(model_name), max(recall_k)) if funnel else None
+    spec = parse_stage1(stage1, models.embed_width(model_name)) if stage1 else None
+    if spec and not stages:
+        raise UserError("--stage1 needs --funnel")
+    if spec and (spec.dim, spec.precision) != (stages[0].dim, stages[0].precision):
+        raise UserError(f"--stage1 {stage1} is not the funnel's first stage ({format_funnel(stages[:1])})")
+    model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device)
+    model.eval()
+    images, texts, index = encode_pairs(model, tokenizer, load_retrieval_folder(data, preprocess, split), device,
+                                        batch_size)
+    metrics = retrieval_metrics(images, texts, index, dims, recall_k)
+    result = {"dims": dims, "metrics": by_dim(metrics)}
+    if precisions:
+        result["quantized"] = {p: by_dim(quantized_retrieval_metrics(images, texts, index, dims, p, recall_k))
+                               for p in precisions}
+    if stages:
+        result["funnel"] = {"stages": format_funnel(stages), "stage1": spec.label() if spec else "flat",
+                            **funnel_retrieval_metrics(images, texts, index, stages, recall_k, spec)}
+    return result
+
+
+def format_funnel_table(label, funnel, metric_names) -> str:
+    """Exact full-width search and the funnel side by side: recall@K (%) and ms per query each way."""
+    rows = []
+    for kind, name in (("exact", "exact (full width)"), ("funnel", f"funnel {funnel['stages']}")):
+        entry = funnel[kind]
+        rows.append([name] + [f"{100 * entry['metrics'][m]:.2f}" for m in metric_names]
+                    + [f"{entry['ms_per_query'][side]:.3f}" for side in ("image_retrieval", "text_retrieval")])
+    header = ["search"] + metric_names + ["image ms/query", "text ms/query"]
+    return f"{label}: faiss search\n" + render_table(header, rows)
+
+
+def add_flags(sub):
+    add_precision_flag(sub)
+    sub.add_argument("--recall-k", default="1,5,10")
+    sub.add_argument("--funnel", default=None, metavar="DIM:K,...",
+                     help="also search through a funnel, e.g. 32:400,768:10 (stage 1 finds K candidates at DIM, later "
+                          "stages re-rank them at larger dims), against exact full-width search; a stage may name a "
+                          "precision: binary@256:2000,768:10")
+    sub.add_argument("--stage1", default=None, metavar="SPEC",
+                     help="search the funnel's stage 1 through an index structure built as `mrl_clip index build` "
+                          "builds it (e.g. hnsw32@32, hnsw32-binary@256; its dim and precision must be the funnel's "
+                          "first stage's; HNSW efSearch = the stage's K)")
+
+
+def run_task(args, entries, requested) -> int:
+    """`eval retrieval`: each model's recall@K both ways at each dim (at each stored precision, through a funnel),
+    reported together."""
+    precisions = stored_precisions(args)
+    recall_k = parse_int_list(args.recall_k, "--recall-k")
+    if not recall_k or min(recall_k) < 1:
+        raise UserError("--recall-k must be positive integers")
+    results = {label: run_retrieval(name, ckpt, args.data, requested, args.split, args.device, args.batch_size,
+                                    recall_k, args.funnel, precisions, args.stage1) for label, name, ckpt in entries}
+    metric_names = [f"{side}_retrieval_recall@{k}" for k in recall_k for side in ("image", "text")]
+    funnels = [format_funnel_table(label, result["funnel"], metric_names) for label, result in results.items()
+               if "funnel" in result]
+    write_report(args, results, metric_names, funnels, first_model=entries[0][1:] if len(entries) == 1 else None)
+    return 0

@@ -1,8 +1,8 @@
 """Build a funnel index once, then search it many times.
 
-    python -m mrl_clip.index build --embeddings photos.npz --stage1 hnsw32@32 --out photos.index
-    python -m mrl_clip.index build --embeddings photos.npz --stage1 binary@256 --out photos.index
-    python -m mrl_clip.index info photos.index
+    python -m mrl_clip index build --embeddings photos.npz --stage1 hnsw32@32 --out photos.index
+    python -m mrl_clip index build --embeddings photos.npz --stage1 binary@256 --out photos.index
+    python -m mrl_clip index info photos.index
 
 --stage1 is the structure funnel stage 1 searches: DIM (flat float32: nothing extra is stored, the prefix is cut
 at load), PRECISION@DIM (flat over binary sign bits, int8 or float16 codes), hnswM@DIM (an HNSW graph with M links
@@ -21,11 +21,11 @@ from .store import build_index, load_index, parse_stage1, save_index
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m mrl_clip.index", description=__doc__,
+    p = ArgumentParser(prog="python -m mrl_clip index", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = p.add_subparsers(dest="task", required=True)
-    build = tasks.add_parser("build", help="build an index file from an embeddings file (mrl_clip.embed)")
-    build.add_argument("--embeddings", required=True, help="the .npz written by mrl_clip.embed")
+    build = tasks.add_parser("build", help="build an index file from an embeddings file (`mrl_clip embed`)")
+    build.add_argument("--embeddings", required=True, help="the .npz written by `mrl_clip embed`")
     build.add_argument("--stage1", required=True, help="e.g. 32, binary@256, int8@64, hnsw32@32, hnsw32-int8@64")
     build.add_argument("--ef-construction", type=int, default=40, help="HNSW efConstruction (faiss's)")
     build.add_argument("--out", required=True, help="the index file to write")

@@ -1,7 +1,7 @@
 """Embed a collection of images or texts with a (Matryoshka) CLIP model into one file for mrl_clip.search.
 
-    python -m mrl_clip.embed --model local-dir:runs/demo/mrl/export --images photos/ --output photos.npz
-    python -m mrl_clip.embed --model local-dir:runs/demo/mrl/export --texts captions.txt --output captions.npz
+    python -m mrl_clip embed --model local-dir:runs/demo/mrl/export --images photos/ --output photos.npz
+    python -m mrl_clip embed --model local-dir:runs/demo/mrl/export --texts captions.txt --output captions.npz
 
 --images takes a folder (every image file under it, sorted by path) or a .txt list of image paths (relative paths
 are read from the list's folder); --texts a file with one text a line. The output .npz holds `embeddings`
@@ -16,7 +16,6 @@ ceil(M/8) bytes, the last byte padded with zero bits. mrl_clip.search reads all 
 """
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import models, quantize
-from ..errors import ArgumentParser, UserError, run_cli
+from ..errors import ArgumentParser, UserError
 from ..files import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -139,7 +138,7 @@ def read_embeddings(path) -> EmbeddingsFile:
         if codes.ndim != 2 or (stored and (ranges is None or ranges.shape != stored)):
             raise ValueError("codes or int8 ranges of the wrong shape")
     except (OSError, ValueError, KeyError, UserError) as err:
-        raise UserError(f"{path} is not an embeddings file written by mrl_clip.embed ({err})") from None
+        raise UserError(f"{path} is not an embeddings file written by `mrl_clip embed` ({err})") from None
     return EmbeddingsFile(codes, items, meta, precision, dim, int(meta.get("width", dim)), ranges)
 
 
@@ -152,7 +151,7 @@ def load_embeddings(path) -> tuple:
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m mrl_clip.embed", description=__doc__,
+    p = ArgumentParser(prog="python -m mrl_clip embed", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="open_clip model name or local-dir:PATH")
     p.add_argument("--pretrained", default=None, help="checkpoint file (not needed with local-dir:)")
@@ -197,6 +196,3 @@ def main(argv=None):
           f"{quantize.bytes_per_vector(args.precision, dim)} bytes each) to {args.output}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))

@@ -1,18 +1,18 @@
-"""Query a file written by mrl_clip.embed: exact search at any prefix dim, or funnel search.
+"""Query a file written by `python -m mrl_clip embed`: exact search at any prefix dim, or funnel search.
 
-    python -m mrl_clip.search --index photos.npz --text "a red dress" --text "a sandal" --k 5
-    python -m mrl_clip.search --index photos.npz --image query.png --dim 64
-    python -m mrl_clip.search --index photos.npz --queries captions.npz --funnel 32:400,768:10 --output hits.json
-    python -m mrl_clip.search --index photos.index --text "a red dress" --funnel binary@256:2000,768:10
+    python -m mrl_clip search --index photos.npz --text "a red dress" --text "a sandal" --k 5
+    python -m mrl_clip search --index photos.npz --image query.png --dim 64
+    python -m mrl_clip search --index photos.npz --queries captions.npz --funnel 32:400,768:10 --output hits.json
+    python -m mrl_clip search --index photos.index --text "a red dress" --funnel binary@256:2000,768:10
 
 Queries are texts (--text), images (--image), or every row of another embeddings file (--queries); texts and
 images are encoded with the model recorded in the index file (or --model / --pretrained). Results are ranked by
 the cosine similarity of the dim-prefixes (slice, then re-normalise); --funnel shortlists at a small dim and
 re-ranks at larger ones (see mrl_clip.search.index), returning its final K per query. --index also takes an index
-file built once by `python -m mrl_clip.index build`: a funnel whose stage 1 has the file's dim and precision
+file built once by `python -m mrl_clip index build`: a funnel whose stage 1 has the file's dim and precision
 searches the file's stage-1 index (an HNSW graph with efSearch = --hnsw-ef, default the stage's K).
 
-Files written with `mrl_clip.embed --dim M --precision P` hold M-d prefixes: queries are encoded at full width,
+Files written with `mrl_clip embed --dim M --precision P` hold M-d prefixes: queries are encoded at full width,
 sliced to M and re-normalised. float32/float16 prefixes search as above (any --dim up to M); int8 codes are
 searched with the float query against the decoded codes (faiss IndexScalarQuantizer, inner product) and binary
 ones by the Hamming distance of the query's sign bits (faiss IndexBinaryFlat; score M - 2 x Hamming), at M only.
@@ -33,10 +33,10 @@ from .store import is_index_file, load_index
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="python -m mrl_clip.search", description=__doc__,
+    p = ArgumentParser(prog="python -m mrl_clip search", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--index", required=True,
-                   help="embeddings file written by mrl_clip.embed, or an index file from mrl_clip.index build")
+                   help="embeddings file written by `mrl_clip embed`, or an index file from `mrl_clip index build`")
     p.add_argument("--text", action="append", default=[], help="a text query (repeatable)")
     p.add_argument("--image", action="append", default=[], help="an image file query (repeatable)")
     p.add_argument("--queries", default=None, help="an embeddings file whose rows are the queries")

@@ -106,7 +106,7 @@ def is_index_file(path) -> bool:
 def read_manifest(f, path) -> tuple:
     """(manifest, offset of the first section) from an open index file, or a UserError."""
     if f.read(len(MAGIC)) != MAGIC:
-        raise UserError(f"{path} is not an index file written by mrl_clip.index build")
+        raise UserError(f"{path} is not an index file written by `mrl_clip index build`")
     try:
         length = int(f.readline(32))
         manifest = json.loads(f.read(length))
@@ -128,14 +128,14 @@ def load_index(path) -> tuple:
         actual = Path(path).stat().st_size
         if actual != expected:
             raise UserError(f"{path} is {actual} bytes but its manifest describes {expected}: truncated or damaged;"
-                            " rebuild it with mrl_clip.index build")
+                            " rebuild it with `python -m mrl_clip index build`")
         data = {}
         for name, section in sections.items():
             f.seek(start + section["offset"])
             data[name] = np.fromfile(f, np.uint8, section["nbytes"])
             if zlib.crc32(data[name]) != section["crc32"]:
                 raise UserError(f"{path}: the {name} section fails its checksum (the file is corrupt); rebuild it "
-                                "with mrl_clip.index build")
+                                "with `python -m mrl_clip index build`")
     vectors = data["vectors"].view(manifest["dtype"]).reshape(manifest["count"], manifest["width"])
     index = EmbeddingIndex(vectors, manifest["dtype"], normalized=True)
     spec = Stage1Spec(**manifest["stage1"])

@@ -1,23 +1,22 @@
 """Turn a DeepSpeed checkpoint of mrl_clip.train into an open_clip checkpoint and a `local-dir:` export.
 
-    python -m mrl_clip.convert_deepspeed RUN/checkpoints/deepspeed --out exported/      # the latest step
-    python -m mrl_clip.convert_deepspeed RUN/checkpoints/deepspeed --tag step_2000 --out exported/
+    python -m mrl_clip convert-deepspeed RUN/checkpoints/deepspeed --out exported/      # the latest step
+    python -m mrl_clip convert-deepspeed RUN/checkpoints/deepspeed --tag step_2000 --out exported/
 
 writes OUT/step_N.pt (open_clip.create_model_and_transforms(MODEL, pretrained=...) loads it) and OUT/export/
 (`local-dir:OUT/export`, no mrl_clip needed). Works for any ZeRO stage and any number of ranks that wrote it.
 """
 import argparse
-import sys
 from pathlib import Path
 
 from .. import models
 from ..checkpoint import export_local_dir
-from ..errors import ArgumentParser, UserError, run_cli
+from ..errors import ArgumentParser, UserError
 from . import deepspeed_engine
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="python -m mrl_clip.convert_deepspeed", description=__doc__,
+    p = ArgumentParser(prog="python -m mrl_clip convert-deepspeed", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ds_dir", help="a run's checkpoints/deepspeed folder")
     p.add_argument("--tag", default=None, help="step_N (default: the one 'latest' points at)")
@@ -42,6 +41,3 @@ def main(argv=None):
           f"local-dir:{out / 'export'}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_cli(main))
