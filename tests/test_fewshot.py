@@ -81,3 +81,32 @@ def test_bad_shots_are_one_line(features, shots, message):
     train_x, train_y, test_x, test_y = features
     with pytest.raises(UserError, match=message):
         fewshot.fewshot_metrics(train_x, train_y, test_x, test_y, [8], shots=shots, draws=1)
+
+
+def test_eval_fewshot_cli_nearest_class_mean_equals_scikit_learn(trained_run, fmnist_data, tmp_path):
+    """`python -m mrl_clip.eval fewshot` with the long tail: each dim's mean over draws of the nearest class mean ==
+    scikit-learn's NearestCentroid on the same draws of the features the run cached."""
+    import json
+
+    from .conftest import TINY, run_module
+    from .test_eval import cached_splits
+
+    cache = tmp_path / "cache"
+    result = run_module("mrl_clip.eval", "fewshot", "--model", TINY, "--pretrained", trained_run["checkpoint"],
+                        "--data", fmnist_data["eval"], "--dims", "8,256", "--shots", "1,5", "--draws", "2",
+                        "--long-tail-largest", "50", "--cache-dir", cache, "--output", tmp_path / "fs.json",
+                        "--plot", tmp_path / "fs.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "fs.json").read_text())["models"][trained_run["checkpoint"].name]["metrics"]
+    features = cached_splits(cache)
+    (train_x, train_y), (test_x, test_y) = ((x.numpy(), y.numpy()) for x, y in (features["train"], features["test"]))
+    for dim in (8, 256):
+        for n in (1, 5):
+            expected = np.mean([np.mean(sklearn_ncm(train_x[p], train_y[p], test_x, dim) == test_y)
+                                for p in (fewshot.draw_shots(train_y, n, seed) for seed in range(2))])
+            assert metrics[str(dim)][f"fewshot{n}_ncm_acc1"] == pytest.approx(expected, abs=1e-12)
+        assert {"longtail_ncm_acc1_frequent", "longtail_lp_acc1_rare"} <= set(metrics[str(dim)])
+    too_many = run_module("mrl_clip.eval", "fewshot", "--model", TINY, "--pretrained", trained_run["checkpoint"],
+                          "--data", fmnist_data["eval"], "--shots", "1000", "--cache-dir", cache)
+    assert too_many.returncode == 2 and "train images of the smallest class" in too_many.stderr
+    assert len(too_many.stderr.strip().splitlines()) == 1

@@ -40,3 +40,35 @@ def test_bad_k_is_one_line(ks, message):
     x, y = clustered_features(rng, 400, rng.standard_normal((3, 8)), 1.0)
     with pytest.raises(UserError, match=message):
         knn_metrics(x, y, x[:10], y[:10], [8], ks)
+
+
+def test_eval_knn_cli_equals_scikit_learn_on_the_cached_features(trained_run, fmnist_data, tmp_path):
+    """`python -m mrl_clip.eval knn` on the trained tiny model: its JSON at each dim and k == scikit-learn's
+    KNeighborsClassifier fitted on the train split's features the run cached (full width, our encoder)."""
+    import json
+
+    from .conftest import TINY, run_module
+    from .test_eval import cached_splits
+
+    cache = tmp_path / "cache"
+    result = run_module("mrl_clip.eval", "knn", "--model", TINY, "--pretrained", trained_run["checkpoint"],
+                        "--data", fmnist_data["eval"], "--dims", "8,32,256", "--k", "1,10", "--cache-dir", cache,
+                        "--output", tmp_path / "knn.json", "--plot", tmp_path / "knn.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "knn10_acc1" in result.stdout and (tmp_path / "knn.png").stat().st_size > 1000
+    metrics = json.loads((tmp_path / "knn.json").read_text())["models"][trained_run["checkpoint"].name]["metrics"]
+    features = cached_splits(cache)
+    (train_x, train_y), (test_x, test_y) = ((x.numpy(), y.numpy()) for x, y in (features["train"], features["test"]))
+    for dim in (8, 32, 256):
+        for k in (1, 10):
+            assert metrics[str(dim)][f"knn{k}_acc1"] == sklearn_acc1(train_x, train_y, test_x, test_y, dim, k)
+    assert metrics["256"]["knn10_acc1"] > 0.5   # the trained model's neighbours carry its classes (chance: 0.1)
+
+
+def test_eval_knn_k_zero_is_one_line(trained_run, fmnist_data, tmp_path):
+    from .conftest import TINY, run_module
+
+    result = run_module("mrl_clip.eval", "knn", "--model", TINY, "--pretrained", trained_run["checkpoint"],
+                        "--data", fmnist_data["eval"], "--k", "0", "--cache-dir", tmp_path)
+    assert result.returncode == 2 and "--k takes positive integers" in result.stderr, result.stderr[-500:]
+    assert len(result.stderr.strip().splitlines()) == 1

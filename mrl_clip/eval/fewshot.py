@@ -13,13 +13,20 @@ Each is averaged over `draws` seeded draws and reported with its standard deviat
 Long tail: the train split is cut to Zipf-like class counts (class of rank r keeps round(largest / (r + 1) ** s)
 images, at least 1; ranks are a seeded permutation of the classes) and both classifiers are measured on the test
 images of the frequent half of the classes (the lower ranks) and of the rare half apart.
+
+    python -m mrl_clip.eval fewshot --model local-dir:runs/demo/mrl/export --data runs/demo/data/fashion_mnist_test \
+        --shots 1,5,10 --draws 5 [--long-tail-largest 100] --output fewshot.json --plot fewshot.png
+
+Features come through linear-probe's feature cache (the same full-width encodings of --train-split and --split).
 """
 import numpy as np
 import torch
 
+from ..dims import parse_int_list
 from ..errors import UserError
 from ..quantize import normalized_prefix
-from .probe import standardize, train_mrl_probe
+from .probe import add_feature_flags, load_with_features, standardize, train_mrl_probe
+from .report import dims_for, write_report
 
 DEFAULT_SHOTS = (1, 5, 10)
 DEFAULT_DRAWS = 5
@@ -143,3 +150,39 @@ def long_tail_metrics(train_x, train_y, test_x, test_y, dims, largest: int, expo
         per_draw.append(accuracies(np.asarray(train_x)[picked], train_y[picked], test_x, test_y, dims,
                                    num_classes, {"_frequent": frequent, "_rare": ~frequent}))
     return mean_and_spread(per_draw, dims, "longtail_")
+
+
+def add_flags(sub):
+    add_feature_flags(sub)
+    sub.add_argument("--shots", default=",".join(map(str, DEFAULT_SHOTS)), help="train images per class")
+    sub.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="seeded draws averaged per shot count")
+    sub.add_argument("--long-tail-largest", type=int, default=0,
+                     help="also the long-tailed split: the most frequent class keeps this many train images "
+                          "(0: off)")
+    sub.add_argument("--long-tail-exponent", type=float, default=1.0, help="Zipf exponent of the long tail")
+
+
+def fewshot_entry(args, name, ckpt, dims, shots) -> dict:
+    _, _, _, features = load_with_features(args, name, ckpt, [args.train_split, args.split])
+    (train_x, train_y), (test_x, test_y) = (tuple(t.numpy() for t in features[s]) for s in (args.train_split,
+                                                                                             args.split))
+    metrics = fewshot_metrics(train_x, train_y, test_x, test_y, dims, shots, args.draws)
+    if args.long_tail_largest:
+        tail = long_tail_metrics(train_x, train_y, test_x, test_y, dims, args.long_tail_largest,
+                                 args.long_tail_exponent, args.draws)
+        metrics = {m: {**metrics[m], **tail[m]} for m in dims}
+    return {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
+
+
+def run_task(args, entries, requested) -> int:
+    """`eval fewshot`: each model's n-shot (and long-tail) accuracies at each dim, mean and spread over draws."""
+    shots = parse_int_list(args.shots, "--shots")
+    if args.draws < 1 or args.long_tail_largest < 0 or args.long_tail_exponent <= 0:
+        raise UserError("--draws must be at least 1, --long-tail-largest not negative, --long-tail-exponent positive")
+    results = {label: fewshot_entry(args, name, ckpt, dims_for(name, requested), shots)
+               for label, name, ckpt in entries}
+    names = [f"fewshot{n}_{kind}_acc1" for n in sorted(set(shots)) for kind in ("ncm", "lp")]
+    if args.long_tail_largest:
+        names += [f"longtail_{kind}_acc1_{part}" for kind in ("ncm", "lp") for part in ("frequent", "rare")]
+    write_report(args, results, names)
+    return 0

@@ -7,12 +7,20 @@ k > 1 votes with each neighbour's cosine similarity as its weight. Ties in the v
 as scikit-learn's KNeighborsClassifier (scipy's mode / weighted_mode) breaks them, so that with
 `weights="uniform"` (k = 1) or `weights=lambda d: 1 - d` (cosine distance back to similarity) it predicts the same.
 Metric names follow CLIP_benchmark's style: knn{k}_acc1.
+
+    python -m mrl_clip.eval knn --model local-dir:runs/demo/mrl/export --data runs/demo/data/fashion_mnist_test \
+        --k 1,20 --output knn.json --plot knn.png
+
+Features come through linear-probe's feature cache (the same full-width encodings of --train-split and --split).
 """
 import faiss
 import numpy as np
 
+from ..dims import parse_int_list
 from ..errors import UserError
 from ..quantize import normalized_prefix
+from .probe import add_feature_flags, load_with_features
+from .report import dims_for, write_report
 
 DEFAULT_KS = (1, 20)
 
@@ -61,3 +69,23 @@ def knn_metrics(train_x, train_y, test_x, test_y, dims, ks=DEFAULT_KS) -> dict:
         results[dim] = {f"knn{k}_acc1": float(np.mean(vote(similarities, ids, train_y, k, num_classes) == test_y))
                         for k in ks}
     return results
+
+
+def add_flags(sub):
+    add_feature_flags(sub)
+    sub.add_argument("--k", default=",".join(map(str, DEFAULT_KS)),
+                     help="neighbour counts (1: the nearest label; more: votes weighted by cosine similarity)")
+
+
+def run_task(args, entries, requested) -> int:
+    """`eval knn`: each model's k-NN top-1 at each dim, --train-split as the database, --split as the queries."""
+    ks = parse_int_list(args.k, "--k")
+    results = {}
+    for label, name, ckpt in entries:
+        dims = dims_for(name, requested)
+        _, _, _, features = load_with_features(args, name, ckpt, [args.train_split, args.split])
+        (train_x, train_y), (test_x, test_y) = features[args.train_split], features[args.split]
+        metrics = knn_metrics(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(), dims, ks)
+        results[label] = {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
+    write_report(args, results, metric_names(sorted(set(ks))))
+    return 0
