@@ -258,3 +258,45 @@ def format_held_out(table: dict, rows: int) -> str:
     names = list(next(iter(table.values())))
     lines = [[str(dim)] + [f"{100 * values[n]:.2f}" for n in names] for dim, values in table.items()]
     return f"held-out rows: {rows}\n" + render_table(["dim"] + names, lines)
+
+
+class AdaptedModel(torch.nn.Module):
+    """A CLIP model whose encode_image / encode_text return f(z / |z|) of its own embeddings z, for commands that
+    take --adaptor (embed, search, eval); every other attribute is the model's."""
+
+    def __init__(self, model, adaptor: MatryoshkaAdaptor):
+        super().__init__()
+        self.model, self.adaptor = model, adaptor
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def _adapted(self, z, normalize: bool):
+        z = self.adaptor(F.normalize(z.float(), dim=-1))
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_image(self, image, normalize: bool = False):
+        return self._adapted(self.model.encode_image(image), normalize)
+
+    def encode_text(self, text, normalize: bool = False):
+        return self._adapted(self.model.encode_text(text), normalize)
+
+
+def adaptor_identity(path) -> dict | None:
+    """{"path", "sha256"} of an adaptor file (what caches and embeddings files record), None for no adaptor."""
+    if path is None:
+        return None
+    import hashlib
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise UserError(f"--adaptor: no such file: {path}")
+    return {"path": str(Path(path).resolve()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
+def with_adaptor(model, path, width: int):
+    """The model itself without an adaptor path, else the model seen through the adaptor in `path`."""
+    return model if path is None else AdaptedModel(model, load_adaptor(path, width)).eval()
