@@ -24,7 +24,7 @@ import torch
 
 from ..dims import parse_int_list
 from ..errors import UserError
-from ..quantize import normalized_prefix
+from ..prefix import normalized_prefix
 from .probe import add_feature_flags, load_with_features, standardize, train_mrl_probe
 from .report import dims_for, write_report
 

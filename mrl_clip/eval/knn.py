@@ -18,7 +18,7 @@ import numpy as np
 
 from ..dims import parse_int_list
 from ..errors import UserError
-from ..quantize import normalized_prefix
+from ..prefix import normalized_prefix
 from .probe import add_feature_flags, load_with_features
 from .report import dims_for, write_report
 
