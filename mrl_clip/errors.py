@@ -29,3 +29,9 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def not_a_command(verb: str):
+    """What a module that is no command of its own says when run with python -m (the package has one entry point)."""
+    print(f"error: this module is not a command; run: python -m mrl_clip {verb} ...", file=sys.stderr)
+    sys.exit(2)

@@ -9,6 +9,7 @@ from typing import Optional
 import open_clip
 
 from . import MODEL_CONFIG_DIR
+from .adaptor import with_adaptor
 from .checkpoint import load_checkpoint_file, refused_pickle
 from .errors import UserError
 
@@ -89,12 +90,13 @@ def missing_from_hub_cache(cfg: dict, pretrained_image: bool) -> Optional[str]:
 
 
 def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", precision: str = "fp32",
-           pretrained_image: bool = False, siglip: bool = False):
+           pretrained_image: bool = False, siglip: bool = False, adaptor: Optional[str] = None):
     """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name, `local-dir:PATH`, or a name
     plus a checkpoint file. `pretrained_image` loads the timm image tower's default pretrained weights (open_clip's
     flag of that name; a Hugging Face text tower loads its pretrained weights unless a checkpoint is given).
     `siglip`: the model as open_clip_train's --siglip creates it (SIGLIP_MODEL_KWARGS; a checkpoint without a
-    logit_bias gets 0, open_clip's rule)."""
+    logit_bias gets 0, open_clip's rule). `adaptor`: a Matryoshka adaptor file (mrl_clip.adapt) the model's
+    embeddings go through (mrl_clip.adaptor.AdaptedModel)."""
     cfg = model_config(name)  # unknown names fail here with a clear message
     if pretrained and local_dir(name) is None:
         if not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(name):
@@ -123,4 +125,6 @@ def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", pre
             raise UserError(f"checkpoint {pretrained} holds a logit_bias (a --siglip run) that model {name} lacks: "
                             "load the run's export, local-dir:RUN/export") from None
         raise
+    if adaptor is not None:
+        model = with_adaptor(model, adaptor, embed_width(name)).to(device)
     return model, preprocess_train, preprocess_val, tokenizer

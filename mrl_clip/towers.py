@@ -38,7 +38,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from .errors import ArgumentParser, UserError
+from .errors import ArgumentParser, UserError, not_a_command
 
 TEXT_REPO = "sentence-transformers/all-MiniLM-L6-v2"
 IMAGE_REPO = "timm/tf_efficientnet_lite0.in1k"
@@ -188,3 +188,6 @@ def main(argv=None):
         print(line)
     return 0
 
+
+if __name__ == "__main__":
+    not_a_command("towers")

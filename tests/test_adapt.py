@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import run_module
-from mrl_clip import adapt
+from mrl_clip import adapt, adaptor as adaptors
+from mrl_clip.errors import UserError
 from mrl_clip.search.embed import save_embeddings
+
+from .conftest import run_module
 
 WIDTH, DIMS = 32, [4, 8, 16, 32]
 
@@ -24,12 +26,12 @@ def spread_embeddings(n, seed=0, rank=6):
 def test_an_untrained_adaptor_is_plain_truncation_bit_for_bit():
     x = torch.as_tensor(spread_embeddings(50))
     for hidden in (0, 16):
-        assert torch.equal(adapt.MatryoshkaAdaptor(WIDTH, DIMS, hidden, trainable=True)(x), x)
+        assert torch.equal(adaptors.MatryoshkaAdaptor(WIDTH, DIMS, hidden, trainable=True)(x), x)
 
 
 def test_objective_equals_a_float64_recomputation():
     torch.manual_seed(0)
-    adaptor = adapt.MatryoshkaAdaptor(WIDTH, DIMS, hidden=8)
+    adaptor = adaptors.MatryoshkaAdaptor(WIDTH, DIMS, hidden=8)
     with torch.no_grad():
         adaptor.linear.weight.copy_(torch.linalg.qr(torch.randn(WIDTH, WIDTH))[0])
         adaptor.down.weight.normal_(0, 0.1)
@@ -78,12 +80,12 @@ def test_trained_adaptor_keeps_full_width_and_improves_short_prefixes_on_held_ou
 
 def test_adaptor_file_round_trip_and_width_check(trained, tmp_path):
     adaptor, held = trained
-    adapt.save_adaptor(adaptor, tmp_path / "a.safetensors")
-    loaded = adapt.load_adaptor(tmp_path / "a.safetensors", width=WIDTH)
+    adaptors.save_adaptor(adaptor, tmp_path / "a.safetensors")
+    loaded = adaptors.load_adaptor(tmp_path / "a.safetensors", width=WIDTH)
     assert loaded.dims == DIMS
-    assert torch.equal(adapt.adapt_embeddings(loaded, held.numpy()), adapt.adapt_embeddings(adaptor, held.numpy()))
-    with pytest.raises(adapt.UserError, match="maps 32-d embeddings; these are 64-d"):
-        adapt.load_adaptor(tmp_path / "a.safetensors", width=64)
+    assert torch.equal(adaptors.adapt_embeddings(loaded, held.numpy()), adaptors.adapt_embeddings(adaptor, held.numpy()))
+    with pytest.raises(UserError, match="maps 32-d embeddings; these are 64-d"):
+        adaptors.load_adaptor(tmp_path / "a.safetensors", width=64)
 
 
 def test_adapt_cli_writes_an_adaptor_and_reports_held_out_rows(tmp_path):
@@ -96,7 +98,7 @@ def test_adapt_cli_writes_an_adaptor_and_reports_held_out_rows(tmp_path):
                         "--dims", ",".join(map(str, DIMS)), "--out", out, "--steps", "20", "--batch-size", "128")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pair_recall@1_adapted" in result.stdout and "held-out rows: 30" in result.stdout
-    assert adapt.load_adaptor(out, WIDTH).dims == DIMS
+    assert adaptors.load_adaptor(out, WIDTH).dims == DIMS
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -115,3 +117,65 @@ def test_bad_adapt_input_is_one_line(tmp_path, extra, message):
     result = run_module("mrl_clip", "adapt", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_adaptor_through_embed_search_and_eval(trained_run, image_folder, fmnist_data, tmp_path):
+    """A user's adaptor for the tiny trained model: `embed --adaptor` stores f(z / |z|) of open_clip's own
+    embeddings (float64 reference), `search` finds with queries through the same adaptor (the file records it; another
+    adaptor is one line), `eval zeroshot --adaptor` reports what zeroshot_metrics gives on adapted features."""
+    import json
+
+    import open_clip
+
+    from mrl_clip.eval.zeroshot import encode_classification, load_classification_folder, zeroshot_metrics
+
+    export = f"local-dir:{trained_run['export']}"
+    full = tmp_path / "photos.npz"
+    assert run_module("mrl_clip", "embed", "--model", export, "--images", image_folder, "--output", full).returncode == 0
+    adaptor_file, other = tmp_path / "photos.adaptor.safetensors", tmp_path / "other.adaptor.safetensors"
+    made = run_module("mrl_clip", "adapt", "--embeddings", full, "--dims", "8,16,32,64,128,256", "--out",
+                      adaptor_file, "--steps", "15", "--batch-size", "32")
+    assert made.returncode == 0, made.stderr[-2000:]
+    adaptor = adaptors.load_adaptor(adaptor_file, 256)
+    assert not torch.equal(adaptor.linear.weight, torch.eye(256))   # it trained away from plain truncation
+    adaptors.save_adaptor(adaptors.MatryoshkaAdaptor(256, adaptor.dims), other)   # an adaptor, not this one
+    adapted = tmp_path / "adapted.npz"
+    result = run_module("mrl_clip", "embed", "--model", export, "--images", image_folder, "--output", adapted,
+                        "--adaptor", adaptor_file)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with np.load(adapted) as stored:
+        rows, meta = stored["embeddings"], json.loads(str(stored["meta"]))
+    assert meta["adaptor"]["path"] == str(adaptor_file.resolve())
+    with np.load(full) as stored:
+        plain = stored["embeddings"].astype(np.float64)
+    weight = adaptor.linear.weight.detach().double().numpy()
+    expected = plain @ weight.T          # the file's rows are L2-normalised, so f is applied to them directly
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    # rows: float32 normalise, WIDTH-long float32 dot product, normalise again: a few float32 ulps of 1 each
+    np.testing.assert_allclose(rows, expected, rtol=0, atol=256 * 2 ** -24 * 4)
+
+    model, _, _ = open_clip.create_model_and_transforms(export)
+    with torch.no_grad():
+        query = model.encode_text(open_clip.get_tokenizer(export)(["a photo of a sandal."])).double().numpy()
+    query = query / np.linalg.norm(query, axis=1, keepdims=True) @ weight.T
+    hits = tmp_path / "hits.json"
+    found = run_module("mrl_clip", "search", "--index", adapted, "--text", "a photo of a sandal.", "--dim", "16",
+                       "--k", "5", "--output", hits)
+    assert found.returncode == 0, found.stderr[-2000:]
+    prefix = lambda x: x[:, :16] / np.linalg.norm(x[:, :16], axis=1, keepdims=True)  # noqa: E731
+    scores = (prefix(query) @ prefix(rows.astype(np.float64)).T)[0]
+    ids = [h["id"] for h in json.loads(hits.read_text())["queries"][0]["results"]]
+    assert ids == np.argsort(-scores, kind="stable")[:5].tolist()
+    wrong = run_module("mrl_clip", "search", "--index", adapted, "--text", "a bag.", "--adaptor", other)
+    assert wrong.returncode == 2 and "is not the adaptor the index was embedded through" in wrong.stderr
+
+    out = tmp_path / "zs.json"
+    evaluated = run_module("mrl_clip.eval", "zeroshot", "--model", export, "--data", fmnist_data["eval"],
+                           "--dims", "8,256", "--adaptor", adaptor_file, "--output", out)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    reported = json.loads(out.read_text())["metrics"]
+    seen = adaptors.AdaptedModel(open_clip.create_model_and_transforms(export)[0], adaptor).eval()
+    data = load_classification_folder(fmnist_data["eval"], open_clip.create_model_and_transforms(export)[2])
+    mine = zeroshot_metrics(*encode_classification(seen, open_clip.get_tokenizer(export), data, [8, 256]), [8, 256])
+    for dim in (8, 256):
+        assert reported[str(dim)] == pytest.approx(mine[dim], abs=1e-12)

@@ -338,3 +338,12 @@ def test_shards_with_no_usable_sample_stop_with_a_message(tmp_path):
                         "--dims", "256", "--batch-size", "4", "--workers", "0", "--logs", tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no usable sample" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("module, verb", [("mrl_clip.towers", "towers"), ("mrl_clip.search.embed", "embed"),
+                                          ("mrl_clip.train.convert_deepspeed", "convert-deepspeed")])
+def test_modules_that_were_commands_name_the_verb(module, verb):
+    """The old `python -m MODULE` spellings say in one line where the command went, rather than exit 0 silently."""
+    result = run_module(module, "--help", timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == f"error: this module is not a command; run: python -m mrl_clip {verb} ..."

@@ -93,7 +93,7 @@ def test_eval_fewshot_cli_nearest_class_mean_equals_scikit_learn(trained_run, fm
 
     cache = tmp_path / "cache"
     result = run_module("mrl_clip.eval", "fewshot", "--model", TINY, "--pretrained", trained_run["checkpoint"],
-                        "--data", fmnist_data["eval"], "--dims", "8,256", "--shots", "1,5", "--draws", "2",
+                        "--data", fmnist_data["eval"], "--dims", "8,256", "--shots", "1,5", "--draws", "1",
                         "--long-tail-largest", "50", "--cache-dir", cache, "--output", tmp_path / "fs.json",
                         "--plot", tmp_path / "fs.png")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -103,7 +103,7 @@ def test_eval_fewshot_cli_nearest_class_mean_equals_scikit_learn(trained_run, fm
     for dim in (8, 256):
         for n in (1, 5):
             expected = np.mean([np.mean(sklearn_ncm(train_x[p], train_y[p], test_x, dim) == test_y)
-                                for p in (fewshot.draw_shots(train_y, n, seed) for seed in range(2))])
+                                for p in (fewshot.draw_shots(train_y, n, seed) for seed in range(1))])
             assert metrics[str(dim)][f"fewshot{n}_ncm_acc1"] == pytest.approx(expected, abs=1e-12)
         assert {"longtail_ncm_acc1_frequent", "longtail_lp_acc1_rare"} <= set(metrics[str(dim)])
     too_many = run_module("mrl_clip.eval", "fewshot", "--model", TINY, "--pretrained", trained_run["checkpoint"],

@@ -29,11 +29,17 @@ def metric_names(ks) -> list:
     return [f"knn{k}_acc1" for k in ks]
 
 
-def check_ks(ks, database_size: int) -> list:
-    """Positive, distinct k, none above the number of database (train) vectors, in increasing order."""
+def positive_ks(ks) -> list:
+    """Distinct positive k in increasing order (checked before anything is encoded)."""
     ks = sorted(set(ks))
     if not ks or ks[0] < 1:
         raise UserError(f"--k takes positive integers, got {ks}")
+    return ks
+
+
+def check_ks(ks, database_size: int) -> list:
+    """positive_ks, none above the number of database (train) vectors."""
+    ks = positive_ks(ks)
     if ks[-1] > database_size:
         raise UserError(f"--k {ks[-1]} is more than the {database_size} train images")
     return ks
@@ -79,7 +85,7 @@ def add_flags(sub):
 
 def run_task(args, entries, requested) -> int:
     """`eval knn`: each model's k-NN top-1 at each dim, --train-split as the database, --split as the queries."""
-    ks = parse_int_list(args.k, "--k")
+    ks = positive_ks(parse_int_list(args.k, "--k"))
     results = {}
     for label, name, ckpt in entries:
         dims = dims_for(name, requested)
@@ -87,5 +93,5 @@ def run_task(args, entries, requested) -> int:
         (train_x, train_y), (test_x, test_y) = features[args.train_split], features[args.split]
         metrics = knn_metrics(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(), dims, ks)
         results[label] = {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
-    write_report(args, results, metric_names(sorted(set(ks))))
+    write_report(args, results, metric_names(ks))
     return 0

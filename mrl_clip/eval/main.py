@@ -51,6 +51,8 @@ def add_common(sub):
     sub.add_argument("--dims", default=None, help="comma-separated dims (default: 8, 16, ... up to the width)")
     sub.add_argument("--output", default=None, help="write results JSON here")
     sub.add_argument("--plot", default=None, help="write a PNG of each metric against dim here")
+    sub.add_argument("--adaptor", default=None, help="a Matryoshka adaptor file (python -m mrl_clip adapt) every "
+                     "model's embeddings go through before each dim is sliced")
     sub.add_argument("--batch-size", type=int, default=256)
     sub.add_argument("--workers", type=int, default=0)
     sub.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -24,6 +24,7 @@ from .. import models
 from ..dims import check_dims, check_weights
 from ..errors import UserError
 from ..files import atomic_torch_save
+from ..adaptor import adaptor_identity
 from ..heads import MRLHeads, save_heads
 from .report import by_dim, dims_for, write_report
 from .zeroshot import encode_images, load_classification_folder, top1_top5
@@ -219,13 +220,14 @@ def cached_features(cache_dir, key: dict, compute: Callable):
 def load_with_features(args, name, pretrained, splits):
     """The model, its preprocess and tokenizer, and {split: (full-width image features, labels)} through the
     feature cache (key: model, checkpoint identity, data folder, split; never the dims)."""
-    model, _, preprocess, tokenizer = models.create(name, pretrained, device=args.device)
+    model, _, preprocess, tokenizer = models.create(name, pretrained, device=args.device, adaptor=args.adaptor)
     model.eval()
     cache = args.cache_dir or str(Path(args.data) / ".mrl_clip_cache")
     features = {}
     for split in splits:
         key = {"model": name, "checkpoint": checkpoint_identity(pretrained or name),
-               "dataset": str(Path(args.data).resolve()), "split": split}
+               "dataset": str(Path(args.data).resolve()), "split": split,
+               **({"adaptor": adaptor_identity(args.adaptor)} if args.adaptor else {})}
         features[split] = cached_features(cache, key, lambda: encode_images(
             model, load_classification_folder(args.data, preprocess, split, need_prompts=False).dataset,
             args.device, args.batch_size, args.workers, desc=f"{split} images"))

@@ -136,11 +136,11 @@ def evaluate_zeroshot(model, tokenizer, data: ClassificationSet, dims, device="c
 
 
 def run_zeroshot(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256, workers=0,
-                 precisions=()):
+                 precisions=(), adaptor=None):
     """{"dims": [...], "metrics": {"<dim>": {...}}} for one model, and with precisions other than float32
     "quantized": {precision: {"<dim>": {...metrics, "bytes_per_vector"}}}."""
     dims = dims_for(model_name, dims)
-    model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device)
+    model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device, adaptor=adaptor)
     dataset = load_classification_folder(data, preprocess, split)
     features = encode_classification(model, tokenizer, dataset, dims, device, batch_size, workers)
     result = {"dims": dims, "metrics": by_dim(zeroshot_metrics(*features, dims))}
@@ -168,6 +168,6 @@ def run_task(args, entries, requested) -> int:
     """`eval zeroshot`: each model's metrics at each dim (and at each stored precision), reported together."""
     precisions = stored_precisions(args)
     results = {label: run_zeroshot(name, ckpt, args.data, requested, args.split, args.device, args.batch_size,
-                                   args.workers, precisions) for label, name, ckpt in entries}
+                                   args.workers, precisions, args.adaptor) for label, name, ckpt in entries}
     write_report(args, results, METRICS, first_model=entries[0][1:] if len(entries) == 1 else None)
     return 0

@@ -155,7 +155,7 @@ def funnel_retrieval_metrics(image_features, text_features, text_image_index, st
 
 
 def run_retrieval(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256,
-                  recall_k=(1, 5, 10), funnel=None, precisions=(), stage1=None):
+                  recall_k=(1, 5, 10), funnel=None, precisions=(), stage1=None, adaptor=None):
     """{"dims", "metrics"}; with a funnel spec, "funnel": the same recall@K through funnel search and exact
     full-width search, with ms per query of each; with precisions other than float32, "quantized" as zero-shot's."""
     dims = dims_for(model_name, dims)
@@ -165,7 +165,7 @@ def run_retrieval(model_name, pretrained, data, dims=None, split="test", device=
         raise UserError("--stage1 needs --funnel")
     if spec and (spec.dim, spec.precision) != (stages[0].dim, stages[0].precision):
         raise UserError(f"--stage1 {stage1} is not the funnel's first stage ({format_funnel(stages[:1])})")
-    model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device)
+    model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device, adaptor=adaptor)
     model.eval()
     images, texts, index = encode_pairs(model, tokenizer, load_retrieval_folder(data, preprocess, split), device,
                                         batch_size)
@@ -212,7 +212,8 @@ def run_task(args, entries, requested) -> int:
     if not recall_k or min(recall_k) < 1:
         raise UserError("--recall-k must be positive integers")
     results = {label: run_retrieval(name, ckpt, args.data, requested, args.split, args.device, args.batch_size,
-                                    recall_k, args.funnel, precisions, args.stage1) for label, name, ckpt in entries}
+                                    recall_k, args.funnel, precisions, args.stage1, args.adaptor)
+               for label, name, ckpt in entries}
     metric_names = [f"{side}_retrieval_recall@{k}" for k in recall_k for side in ("image", "text")]
     funnels = [format_funnel_table(label, result["funnel"], metric_names) for label, result in results.items()
                if "funnel" in result]

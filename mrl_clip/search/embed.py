@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import models, quantize
-from ..errors import ArgumentParser, UserError
+from ..adaptor import adaptor_identity
+from ..errors import ArgumentParser, UserError, not_a_command
 from ..files import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -163,6 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default=None, help=f"one of {', '.join(quantize.PRECISIONS)} (default float32)")
     p.add_argument("--dtype", choices=["float32", "float16"], default=None, help="the same as --precision, kept for "
                    "older commands")
+    p.add_argument("--adaptor", default=None, help="a Matryoshka adaptor file (python -m mrl_clip adapt) the "
+                   "embeddings go through before they are stored")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,16 +186,21 @@ def main(argv=None):
     width = models.embed_width(args.model)
     if args.dim is not None and args.dim > width:
         raise UserError(f"--dim {args.dim} is above the embedding width {width} of {args.model}")
-    model, _, preprocess, tokenizer = models.create(args.model, args.pretrained, device=args.device)
+    model, _, preprocess, tokenizer = models.create(args.model, args.pretrained, device=args.device,
+                                                    adaptor=args.adaptor)
     model.eval()
     if args.images:
         embeddings = embed_images(model, preprocess, items, args.device, args.batch_size, args.workers)
     else:
         embeddings = embed_texts(model, tokenizer, items, args.device, args.batch_size)
-    meta = {"model": args.model, "pretrained": args.pretrained, "kind": "images" if args.images else "texts"}
+    meta = {"model": args.model, "pretrained": args.pretrained, "kind": "images" if args.images else "texts",
+            "adaptor": adaptor_identity(args.adaptor)}
     dim = args.dim or embeddings.shape[1]
     save_embeddings(args.output, embeddings, items, meta, dim=dim, precision=args.precision)
     print(f"wrote {len(items)} {meta['kind']} x {dim} dims ({args.precision}, "
           f"{quantize.bytes_per_vector(args.precision, dim)} bytes each) to {args.output}")
     return 0
 
+
+if __name__ == "__main__":
+    not_a_command("embed")

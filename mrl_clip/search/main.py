@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import models, quantize
+from ..adaptor import adaptor_identity
 from ..errors import ArgumentParser, UserError
 from ..files import write_json
 from ..prefix import normalized_prefix
@@ -51,6 +52,8 @@ def parse_args(argv=None):
                       help="funnel search, e.g. 32:400,768:10 or binary@256:2000,768:10")
     p.add_argument("--hnsw-ef", type=int, default=None,
                    help="efSearch of an index file's HNSW stage 1 (default: the funnel's first K)")
+    p.add_argument("--adaptor", default=None, help="the Matryoshka adaptor the file was embedded through "
+                   "(default: the one the file records)")
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -63,6 +66,21 @@ def parse_args(argv=None):
     return args
 
 
+def query_adaptor(path, meta):
+    """The adaptor queries go through: the one the file was embedded through, which --adaptor may name again
+    (the same file, by digest) but not change."""
+    recorded = meta.get("adaptor")
+    if path is None:
+        if recorded and not Path(recorded["path"]).is_file():
+            raise UserError(f"the index was embedded through the adaptor {recorded['path']}, which is gone: pass "
+                            f"--adaptor with that file")
+        return recorded["path"] if recorded else None
+    if not recorded or adaptor_identity(path)["sha256"] != recorded["sha256"]:
+        raise UserError(f"--adaptor {path} is not the adaptor the index was embedded through "
+                        f"({recorded['path'] if recorded else 'none'})")
+    return path
+
+
 def encode_queries(args, meta) -> tuple:
     """(query embeddings [queries, width or a --queries file's dim], query labels)."""
     vectors, labels = [], []
@@ -71,7 +89,8 @@ def encode_queries(args, meta) -> tuple:
         pretrained = args.pretrained if args.model else (args.pretrained or meta.get("pretrained"))
         if not name:
             raise UserError("the index file names no model: pass --model")
-        model, _, preprocess, tokenizer = models.create(name, pretrained, device=args.device)
+        model, _, preprocess, tokenizer = models.create(name, pretrained, device=args.device,
+                                                        adaptor=query_adaptor(args.adaptor, meta))
         model.eval()
         if args.text:
             vectors.append(embed_texts(model, tokenizer, args.text, args.device).numpy())

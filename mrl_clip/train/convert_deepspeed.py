@@ -21,7 +21,7 @@ import torch
 
 from .. import models
 from ..checkpoint import export_local_dir, step_checkpoints
-from ..errors import ArgumentParser, UserError
+from ..errors import ArgumentParser, UserError, not_a_command
 from ..files import atomic_torch_save
 from .engine import RunState
 
@@ -126,3 +126,6 @@ def main(argv=None):
           f"local-dir:{out / 'export'}")
     return 0
 
+
+if __name__ == "__main__":
+    not_a_command("convert-deepspeed")
