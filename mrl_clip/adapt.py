@@ -35,6 +35,7 @@ from .dims import check_dims, check_weights, parse_float_list, parse_int_list
 from .errors import ArgumentParser, UserError
 from .eval.report import render_table
 from .loss import MatryoshkaClipLoss
+from .prefix import normalized_prefix_tensor
 from .search.embed import read_embeddings
 
 
@@ -53,7 +54,7 @@ class AdaptSettings:
 
 
 def prefix_similarities(x, dim: int):
-    z = F.normalize(x[:, :dim], dim=-1)
+    z = normalized_prefix_tensor(x, dim)
     return z @ z.T
 
 
@@ -106,21 +107,20 @@ def neighbour_recall(full, prefix_source, dim: int, k: int = 10) -> float:
 
 def pair_recall(a, b, dim: int, k: int) -> float:
     """b -> a recall@k of the re-normalised dim-prefixes (row i of b should find row i of a)."""
-    scores = F.normalize(b[:, :dim], dim=-1) @ F.normalize(a[:, :dim], dim=-1).T
+    scores = normalized_prefix_tensor(b, dim) @ normalized_prefix_tensor(a, dim).T
     return float((scores.topk(k, dim=1).indices == torch.arange(len(a))[:, None]).any(-1).float().mean())
 
 
 @torch.no_grad()
 def held_out_table(adaptor, x, y=None) -> dict:
     """{dim: {metric_truncated, metric_adapted}} on held-out rows (x, y: L2-normalised float32 tensors)."""
-    fx = adaptor(x)
+    fx, fy = adaptor(x), None if y is None else adaptor(y)
     k = min(10, len(x) - 1)
     table = {}
     for dim in adaptor.dims:
         row = {"neighbour_recall@10_truncated": neighbour_recall(x, x, dim, k),
                "neighbour_recall@10_adapted": neighbour_recall(x, fx, dim, k)}
         if y is not None:
-            fy = adaptor(y)
             for r in (1, 10):
                 row[f"pair_recall@{r}_truncated"] = pair_recall(x, y, dim, r)
                 row[f"pair_recall@{r}_adapted"] = pair_recall(fx, fy, dim, r)
