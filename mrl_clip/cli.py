@@ -20,7 +20,7 @@ from .errors import UserError, run_cli
 # verb -> (the module whose main(argv) it runs, one line of help); a module is imported only when its verb runs
 VERBS = {
     "train": ("mrl_clip.train.main", "train (Matryoshka) CLIP, plain DDP or DeepSpeed"),
-    "eval": ("mrl_clip.eval.main", "zero-shot, retrieval, linear probes and cascades at every nested dim"),
+    "eval": ("mrl_clip.eval.main", "zero-shot, retrieval, probes, cascades, k-NN and few-shot at every nested dim"),
     "embed": ("mrl_clip.search.embed", "embed a folder of images or a file of texts into one file"),
     "index": ("mrl_clip.search.build", "build or check an index file for funnel search"),
     "search": ("mrl_clip.search.main", "query an embeddings or index file at any dim or through a funnel"),
