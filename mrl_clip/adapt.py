@@ -58,9 +58,9 @@ def prefix_similarities(x, dim: int):
     return z @ z.T
 
 
-def similarity_loss(adaptor: MatryoshkaAdaptor, original, settings: AdaptSettings):
-    """The unsupervised objective of the module docstring for one batch (original: L2-normalised rows)."""
-    adapted = adaptor(original)
+def similarity_loss(adaptor: MatryoshkaAdaptor, original, adapted, settings: AdaptSettings):
+    """The unsupervised objective of the module docstring for one batch (original: L2-normalised rows; adapted:
+    adaptor(original), passed in so a supervised step forwards each side once)."""
     target = original @ original.T
     k = min(settings.topk, len(original) - 1)
     # each row's k most similar other rows (itself excluded) by the full-width target
@@ -86,10 +86,12 @@ def train_adaptor(embeddings, settings: AdaptSettings, pairs=None) -> Matryoshka
     generator = torch.Generator().manual_seed(settings.seed)
     for _ in tqdm(range(settings.steps), desc="adaptor", unit="step", leave=False):
         rows = torch.randperm(len(x), generator=generator)[:settings.batch_size]
-        loss = similarity_loss(adaptor, x[rows], settings)
+        adapted_x = adaptor(x[rows])
+        loss = similarity_loss(adaptor, x[rows], adapted_x, settings)
         if y is not None:
-            loss = loss + similarity_loss(adaptor, y[rows], settings)
-            loss = loss + contrastive(adaptor(x[rows]), adaptor(y[rows]), log_scale.clamp(max=math.log(100)).exp())[0]
+            adapted_y = adaptor(y[rows])
+            loss = loss + similarity_loss(adaptor, y[rows], adapted_y, settings)
+            loss = loss + contrastive(adapted_x, adapted_y, log_scale.clamp(max=math.log(100)).exp())[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -38,7 +38,7 @@ def test_objective_equals_a_float64_recomputation():
     settings = adapt.AdaptSettings(DIMS, [1.0, 2.0, 1.0, 0.5], topk=3, alpha=0.7, beta=0.3)
     x = torch.as_tensor(spread_embeddings(20))
     with torch.no_grad():
-        ours = float(adapt.similarity_loss(adaptor, x, settings))
+        ours = float(adapt.similarity_loss(adaptor, x, adaptor(x), settings))
 
     x64 = x.double().numpy()
     params = {k: v.detach().double().numpy() for k, v in adaptor.state_dict().items()}
