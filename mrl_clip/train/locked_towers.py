@@ -157,7 +157,8 @@ def _replacement(model, trunk: Trunk):
     if trunk.kind == "vit":
         return model.visual, "forward", _identity
     if trunk.kind == "hf-pooled":
-        return model.text, "forward", model.text.proj
+        proj = model.text.proj
+        return model.text, "forward", lambda features: proj(features)  # a function: a Module would be registered
     return model, "encode_text", _encode_cached_text
 
 
