@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,8 +116,10 @@ def write_shard(folder: Path, stem: str, features: np.ndarray, keys: list, bad: 
         meta = {"keys": keys, "bad": bad, "dtype": dtype, "npy_bytes": npy_path.stat().st_size,
                 "npy_digest": file_digest(npy_path)}
         atomic_write(folder / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
-    except OSError as err:
-        raise UserError(f"feature cache: cannot write {npy_path}: {err.strerror or err}") from None
+    except OSError as err:  # numpy reports a short write without an errno: say what is left on the disk
+        free = shutil.disk_usage(folder).free
+        raise UserError(f"feature cache: cannot write {npy_path}: {err.strerror or err} ({free} bytes free on its "
+                        "disk)") from None
 
 
 def _save_npy(path, array: np.ndarray) -> None:
