@@ -169,7 +169,8 @@ class DeepSpeedEngine:
         self.dtype = input_dtype(engine)
 
     def __call__(self, images, texts):
-        return self.engine(images.to(self.dtype), texts)
+        # texts are floating point when they are a cached text tower's features (--feature-cache)
+        return self.engine(images.to(self.dtype), texts.to(self.dtype) if texts.is_floating_point() else texts)
 
     def train(self) -> None:
         self.engine.train()

@@ -34,13 +34,14 @@ class RunState:
     locks: str = ""                                 # finetune.lock_record: the --lock-* flags
     siglip: Optional[bool] = None                   # None: not recorded (another trainer's checkpoint)
     validated_step: Optional[int] = None
+    deterministic_towers: Optional[bool] = None     # --deterministic-towers (None: not recorded, i.e. off)
 
     @classmethod
     def of_args(cls, args, step: int = 0, **progress) -> "RunState":
         """The state of a run of these flags at `step` (`progress`: epoch, data, nonfinite, validated_step)."""
         return cls(step=step, name=args.name, model=args.model, dims=args.dims, dim_weights=args.dim_weights,
                    world_size=args.world_size, seed=args.seed, locks=lock_record(args), siglip=args.siglip,
-                   **progress)
+                   deterministic_towers=bool(getattr(args, "deterministic_towers", False)), **progress)
 
     def to_dict(self, resume: bool = True) -> dict:
         """The checkpoint's keys; without `resume`, the run's description only (an exported open_clip checkpoint)."""
@@ -62,6 +63,10 @@ class RunState:
         if saved.locks != self.locks:
             raise UserError(f"{path} was trained with lock flags '{saved.locks or 'none'}', not "
                             f"'{self.locks or 'none'}': resume with the same --lock-* flags")
+        if bool(saved.deterministic_towers) != bool(self.deterministic_towers):
+            flag = "with" if saved.deterministic_towers else "without"
+            raise UserError(f"{path} was trained {flag} --deterministic-towers: resume it {flag} it (it decides the "
+                            "training transform and the locked towers' mode)")
         # a SigLIP run's model has a logit_bias, a CLIP run's has none
         if saved.siglip != self.siglip:
             raise UserError(f"{path} was trained {'with' if saved.siglip else 'without'} --siglip: resume it "

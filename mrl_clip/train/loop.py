@@ -105,6 +105,7 @@ class Run:
     progress: Optional[object] = None
     val: Optional[Validation] = None  # --val-data
     writer: Optional[object] = None   # --report-to tensorboard: a SummaryWriter (rank 0)
+    swap: Callable = nullcontext      # --feature-cache: the training forward reads the cached towers' features
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -143,7 +144,8 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         group = [(i.to(args.device, non_blocking=True), t.to(args.device, non_blocking=True)) for i, t, _ in group]
         lr = run.schedule(run.step)
         t_step = time.perf_counter()
-        result = train_step(run.engine, run.loss_fn, group, run.autocast)
+        with run.swap():
+            result = train_step(run.engine, run.loss_fn, group, run.autocast)
         run.step += 1
         run.nonfinite.update(run.step, result.skipped)
         log_step(run, epoch, lr, result, t_data, t_step)

@@ -15,6 +15,7 @@ sbatch script to requeue it. --val-data measures a CLIP_benchmark folder at ever
 This file sets a run up; loop.py runs its epochs and steps.
 """
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
-from . import deepspeed_engine, finetune, tensorboard_log, validate
+from . import deepspeed_engine, feature_cache, finetune, locked_towers, tensorboard_log, validate
 from .agree import RankAgreement
 from .engine import RunState
 from .guards import NonFiniteSteps
@@ -41,7 +42,7 @@ from .loop import Run, save, train_one_epoch
 from .plain_engine import PlainEngine, clamp_logit_scale, make_optimizer
 from .position import position_for_rank
 from .preempt import EXIT_PREEMPTED, PreemptionSignal
-from .shards import check_shards, count_samples
+from .shards import check_shards, count_samples, resolve_shards
 from .stream import StreamSettings, rank_shards
 
 
@@ -101,10 +102,12 @@ def parse_args(argv=None):
     p.add_argument("--max-nonfinite-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (default 10)")
     finetune.add_flags(p)
+    feature_cache.add_flags(p)
     validate.add_flags(p)
     tensorboard_log.add_flags(p)
     args = p.parse_args(argv)
     finetune.check_flags(args)
+    feature_cache.check_flags(args)
     validate.check_flags(args)
     tensorboard_log.check_flags(args)
     args.dims = parse_int_list(args.dims, "--dims")
@@ -142,6 +145,9 @@ def main(argv=None):
         if args.val_data and deepspeed_engine.zero_stage(ds_config) == 3:
             raise UserError("--val-data is not supported under ZeRO stage 3 (rank 0 would need the partitioned "
                             "weights gathered): validate the checkpoints with python -m mrl_clip.eval")
+        if args.feature_cache and deepspeed_engine.zero_stage(ds_config) == 3:
+            raise UserError("--feature-cache is not supported under ZeRO stage 3 (the locked weights are "
+                            "partitioned across ranks): use stage 1 or 2")
     args.name = args.name or f"{args.model}-mrl{'-'.join(map(str, args.dims))}"
     run_dir = Path(args.logs) / args.name
 
@@ -150,8 +156,12 @@ def main(argv=None):
         args.model, args.pretrained, device=str(device), pretrained_image=args.pretrained_image, siglip=args.siglip)
     clamp_logit_scale(model)
     finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
+    trunks = deterministic_towers(args, model)
+    if args.deterministic_towers:
+        preprocess_train = preprocess_val
     engine, optimizer = make_engine(args, model, device, ds_config)
     resumed, rng_restored = engine.load_checkpoint(args.resume, run_dir / "checkpoints", RunState.of_args(args))
+    features = cached_features(args, engine, trunks, preprocess_val, tokenizer) if args.feature_cache else None
     step = resumed.step if resumed else 0
     if not rng_restored:
         random_seed(args.seed + step * args.world_size, args.rank)  # a stream of its own for each (rank, step)
@@ -160,7 +170,9 @@ def main(argv=None):
     if args.rank == 0 and step:
         print(f"resumed at step {step}", file=sys.stderr)
 
-    run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, resumed)
+    run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, resumed, features)
+    if features is not None:
+        run.swap = functools.partial(locked_towers.swapped, model, trunks)
     if args.val_data:
         run.val = make_validation(args, preprocess_val, run)
         validate.catch_up(run, resumed.validated_step if resumed else None)
@@ -194,6 +206,30 @@ def check_inputs(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def deterministic_towers(args, model) -> list:
+    """--deterministic-towers: the fully locked trunks, pinned in eval mode (with --feature-cache every locked
+    tower must be one), and the line that says so."""
+    if not args.deterministic_towers:
+        return []
+    trunks, refused = locked_towers.fully_locked(model, args, strict=bool(args.feature_cache))
+    if args.feature_cache and not trunks:
+        raise UserError("--feature-cache: no tower is fully locked")
+    locked_towers.pin_eval(trunks)
+    if args.rank == 0:
+        print(feature_cache.describe(trunks, refused, bool(args.feature_cache)), file=sys.stderr)
+    return trunks
+
+
+def cached_features(args, engine, trunks, preprocess_val, tokenizer):
+    """--feature-cache: the trunks' stored outputs, built where missing, under the precision the training forward
+    runs them in (the DeepSpeed engine's weight dtype, or --precision's autocast)."""
+    dtype = getattr(engine, "dtype", torch.float32)
+    precision = f"deepspeed-{dtype}" if args.deepspeed else args.precision
+    autocast = get_autocast(args.precision, device_type=torch.device(args.device).type)
+    return feature_cache.prepare(args, trunks, models.model_config(args.model), preprocess_val, tokenizer,
+                                 autocast, dtype, precision, resolve_shards(args.train_data, allow_missing=True))
+
+
 def make_engine(args, model, device, ds_config):
     """(engine, the optimizer the learning-rate schedule sets) for the plain loop or DeepSpeed."""
     if ds_config is not None:
@@ -207,12 +243,14 @@ def make_engine(args, model, device, ds_config):
     return deepspeed_engine.DeepSpeedEngine(engine, args.model), ds_optimizer
 
 
-def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, resumed: Optional[RunState]) -> Run:
+def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, resumed: Optional[RunState],
+             features=None) -> Run:
     """The run at its first step: 0, or the step `resumed` from, with its streams' positions and counts."""
     step = resumed.step if resumed else 0
     stream = StreamSettings(args.train_data, preprocess, tokenizer, args.batch_size, args.train_num_samples,
                             seed=args.seed, workers=args.workers, rank=args.rank, world_size=args.world_size,
-                            resampled=args.dataset_resampled, accum_freq=args.accum_freq)
+                            resampled=args.dataset_resampled, accum_freq=args.accum_freq,
+                            features=features)
     steps_per_epoch = stream.batches_per_epoch // args.accum_freq
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
     nonfinite = NonFiniteSteps(args.max_nonfinite_steps)

@@ -139,33 +139,69 @@ def call_seeded(fn, x, seed: int):
         random.setstate(python_state)
 
 
-def decode_samples(src, tracker: WorkerTracker, preprocess: Callable, tokenizer: Callable, seed: int, epoch: int):
-    """(image tensor, tokens) for each good sample; a bad one is counted and named shard:key."""
-    decode_image = imagehandler("pilrgb")
-    for sample in src:
-        where = f"{os.path.basename(str(sample.get('__url__', '?')))}:{sample.get('__key__')}"
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None or "txt" not in sample:
-            tracker.record(f"{where}: no {'image' if image_key is None else 'caption'}")
-            continue
-        try:
-            text = sample["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            tracker.record(f"{where}: caption is not UTF-8")
-            continue
-        if not text.strip():
-            tracker.record(f"{where}: empty caption")
-            continue
-        try:
-            image = decode_image(image_key, sample[image_key])
-        except Exception as err:  # PIL raises several kinds; their messages name an in-memory buffer
-            tracker.record(f"{where}: undecodable {image_key} ({type(err).__name__})")
-            continue
+class BadSample(Exception):
+    """A sample the stream skips and counts; its message names it shard:key."""
+
+
+def sample_name(sample) -> str:
+    return f"{os.path.basename(str(sample.get('__url__', '?')))}:{sample.get('__key__')}"
+
+
+def sample_caption(sample, where: str) -> tuple[str, str]:
+    """(caption, image key) of a sample; BadSample when it has no image or no usable caption."""
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None or "txt" not in sample:
+        raise BadSample(f"{where}: no {'image' if image_key is None else 'caption'}")
+    try:
+        text = sample["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadSample(f"{where}: caption is not UTF-8") from None
+    if not text.strip():
+        raise BadSample(f"{where}: empty caption")
+    return text, image_key
+
+
+def decode_image(sample, where: str, image_key: str):
+    """The sample's image as a PIL RGB image; BadSample when it does not decode."""
+    try:
+        return imagehandler("pilrgb")(image_key, sample[image_key])
+    except Exception as err:  # PIL raises several kinds; their messages name an in-memory buffer
+        raise BadSample(f"{where}: undecodable {image_key} ({type(err).__name__})") from None
+
+
+def transform_failed(where: str, err: Exception) -> BadSample:
+    return BadSample(f"{where}: {type(err).__name__}: {str(err)[:200]}")
+
+
+def sample_inputs(sample, where: str, preprocess: Callable, tokenizer: Callable, seed: int, epoch: int,
+                  features=None) -> tuple:
+    """(image tensor, tokens) of a sample, or for a tower in `features` (feature_cache.FeatureLookup) its stored
+    trunk output instead; BadSample as the uncached stream would skip it."""
+    text, image_key = sample_caption(sample, where)
+    if features is not None and features.has("image"):
+        image = features.get("image", sample, where)
+    else:
+        image = decode_image(sample, where, image_key)
         try:
             image = call_seeded(preprocess, image, sample_seed(seed, epoch, sample.get("__url__"), sample["__key__"]))
-            tokens = tokenizer(text)[0]
         except Exception as err:
-            tracker.record(f"{where}: {type(err).__name__}: {str(err)[:200]}")
+            raise transform_failed(where, err) from None
+    if features is not None and features.has("text"):
+        return image, features.get("text", sample, where)
+    try:
+        return image, tokenizer(text)[0]
+    except Exception as err:
+        raise transform_failed(where, err) from None
+
+
+def decode_samples(src, tracker: WorkerTracker, preprocess: Callable, tokenizer: Callable, seed: int, epoch: int,
+                   features=None):
+    """(image tensor, tokens) for each good sample; a bad one is counted and named shard:key."""
+    for sample in src:
+        try:
+            image, tokens = sample_inputs(sample, sample_name(sample), preprocess, tokenizer, seed, epoch, features)
+        except BadSample as err:
+            tracker.record(str(err))
             continue
         yield image, tokens, tracker.mark()
 
@@ -250,6 +286,7 @@ class StreamSettings:
     world_size: int = 1
     resampled: bool = False  # shards drawn with replacement
     accum_freq: int = 1
+    features: Optional[object] = None  # --feature-cache: a feature_cache.FeatureLookup of the cached towers
 
     @property
     def batches_per_epoch(self) -> int:
@@ -293,7 +330,7 @@ def make_train_stream(settings: StreamSettings, epoch: int, skip_batches: int = 
                     epoch=epoch - 1),
         tracker.skip_and_count,
         functools.partial(decode_samples, tracker=tracker, preprocess=s.preprocess, tokenizer=s.tokenizer,
-                          seed=s.seed, epoch=epoch),
+                          seed=s.seed, epoch=epoch, features=s.features),
         wds.batched(s.batch_size, partial=False),
         wds.map(functools.partial(_with_report, tracker=tracker)),
     ]
