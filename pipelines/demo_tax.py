@@ -28,13 +28,19 @@ def run_args(args, steps: int) -> argparse.Namespace:
 
 
 def planned_runs(budgets: list, weights: list) -> list:
-    """(name, steps, dims, extra flags): both models at every budget; each weighting at the smallest budget."""
+    """(name, steps, dims, extra flags): both models at every budget; each weighting at the smallest budget (run
+    right after it: the cheap runs first)."""
     runs = []
     for steps in budgets:
         runs += [(f"mrl-{steps}", steps, demo.DIMS, []), (f"standard-{steps}", steps, demo.DIMS[-1:], [])]
-    for w in weights:
-        runs.append((f"mrl-{budgets[0]}-w{w.replace(',', '_')}", budgets[0], demo.DIMS, ["--dim-weights", w]))
+        if steps == budgets[0]:
+            runs += [(f"mrl-{steps}-w{w.replace(',', '_')}", steps, demo.DIMS, ["--dim-weights", w]) for w in weights]
     return runs
+
+
+def evaluation_pairs(plan: list) -> list:
+    """Each Matryoshka run with the standard run of its budget (the eval CLI compares two models)."""
+    return [(name, f"standard-{steps}") for name, steps, dims, _ in plan if len(dims) > 1]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -85,8 +91,7 @@ def main(argv=None):
         run_dirs = dict(pool.map(train, plan))
     results = {}
     test_dir = args.out / "data" / "fashion_mnist_test"
-    names = list(run_dirs)
-    for first, second in zip(names[::2], names[1::2] + names[:1] * (len(names) % 2)):
+    for first, second in evaluation_pairs(plan):
         pair = {first: run_dirs[first], second: run_dirs[second]}
         report = evaluate("zeroshot", pair, test_dir, args.out, demo.DIMS, output=f"zeroshot_{first}.json")
         for name, entry in zip(pair, report["models"].values()):
