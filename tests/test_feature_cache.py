@@ -5,6 +5,7 @@ change a feature — were it to, the first assertion to fail would name the tens
 file is rebuilt, a killed build resumes, a full disk is one line, and the cache works with resume, --accum-freq,
 two ranks and DeepSpeed."""
 import json
+from contextlib import nullcontext
 import os
 import re
 import shutil
@@ -250,3 +251,42 @@ def test_full_disk_during_the_build_is_one_line_and_never_read_as_complete(fmnis
         assert problem is None and len(entry.rows) == 512
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_repeated_image_is_encoded_once_and_gets_the_same_row(tmp_path):
+    """OpenMoji's layout: one image under several captions. The build encodes each distinct image once; every
+    sample's row equals its own image encoded alone, and a repeated undecodable image is named for each sample."""
+    import io
+
+    import numpy as np
+    import open_clip
+    import webdataset as wds
+    from PIL import Image
+
+    args = SimpleNamespace(lock_image=True, lock_image_unlocked_groups=0, lock_image_freeze_bn_stats=False,
+                           lock_text=False, lock_text_unlocked_layers=0)
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY)
+    finetune.lock_image(model, SimpleNamespace(model=TINY, **vars(args)))
+    (trunk,), _ = locked_towers.fully_locked(model, args)
+    locked_towers.pin_eval([trunk])
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(3):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buffer, format="PNG")
+        images.append(buffer.getvalue())
+    shard = tmp_path / "moji-0000.tar"
+    order = [0, 1, 0, 2, 1, 0, "bad", "bad"]
+    with wds.TarWriter(str(shard)) as sink:
+        for i, which in enumerate(order):
+            sink.write({"__key__": f"s{i}", "png": b"not a png" if which == "bad" else images[which],
+                        "txt": f"caption {i}".encode()})
+    builder = feature_cache.Builder(trunk, preprocess, None, batch_size=2, device="cpu", autocast=nullcontext)
+    features, keys, bad, _ = feature_cache.build_shard(builder, str(shard))
+    assert sorted(bad) == ["s6", "s7"] and "moji-0000.tar:s7: undecodable png" in bad["s7"]
+    assert sorted(keys) == [f"s{i}" for i in range(6)] and features.shape[0] == 6
+    with torch.no_grad():
+        for key, row in zip(keys, features):
+            image = Image.open(io.BytesIO(images[order[int(key[1:])]])).convert("RGB")
+            alone = trunk.encode(preprocess(image)[None]).float().numpy()[0]
+            assert np.array_equal(row, alone), key

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..files import atomic_write, remove_partial_files
 from .locked_towers import IMAGE, Trunk
-from .stream import BadSample, decode_image, sample_caption, sample_name, tarfile_to_samples_nothrow, \
+from .stream import IMAGE_KEYS, BadSample, decode_image, sample_caption, sample_name, tarfile_to_samples_nothrow, \
     transform_failed
 
 FORMAT = "mrl_clip.feature_cache 1"
@@ -138,14 +138,17 @@ class Builder:
     autocast: object
     input_dtype: torch.dtype = torch.float32
 
-    def inputs(self, sample):
+    def inputs(self, sample, image: bool = True):
         """The trunk's input for one sample; None for one the stream rejects before looking features up (no image,
-        no usable caption); BadSample for one it skips as bad at this tower (undecodable, the transform failed)."""
+        no usable caption); BadSample for one it skips as bad at this tower (undecodable, the transform failed).
+        image=False: only whether the sample gets that far (True), without decoding its image."""
         where = sample_name(sample)
         try:
             text, image_key = sample_caption(sample, where)
         except BadSample:
             return None
+        if not image:
+            return True
         try:
             if self.trunk.tower == IMAGE:
                 return self.preprocess(decode_image(sample, where, image_key))
@@ -164,10 +167,22 @@ class Builder:
             return self.trunk.encode(x)
 
 
+def image_digest(builder: Builder, sample) -> Optional[bytes]:
+    """The digest of an image tower's input bytes (None for a text tower or a sample without an image): samples
+    with the same image bytes get the same feature, as the transform is deterministic and the trunk in eval mode."""
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if builder.trunk.tower != IMAGE or image_key is None:
+        return None
+    return hashlib.blake2b(sample[image_key], digest_size=16).digest()
+
+
 def build_shard(builder: Builder, url: str) -> tuple[np.ndarray, list, dict, str]:
     """(features, keys, bad {key: message}, dtype) of one shard, in batches through the trunk. A sample without an
-    image or caption is left out and not recorded: the stream finds that itself before looking features up."""
+    image or caption is left out and not recorded: the stream finds that itself before looking features up. An
+    image seen before in the shard (OpenMoji: one image, several captions) is encoded once and its row repeated."""
     keys, bad, batch, batch_keys, parts = [], {}, [], [], []
+    encoded = {}    # image digest -> key of the sample encoded with that image
+    repeats = []    # (key, key of the sample whose row it repeats)
     dtype = "torch.float32"
 
     def flush():
@@ -180,6 +195,11 @@ def build_shard(builder: Builder, url: str) -> tuple[np.ndarray, list, dict, str
         batch_keys.clear()
 
     for sample in tarfile_to_samples_nothrow([{"url": url}], handler=lambda exn: True):
+        digest = image_digest(builder, sample)
+        if digest in encoded:
+            if builder.inputs(sample, image=False) is not None:  # its caption is usable too
+                repeats.append((sample["__key__"], encoded[digest]))
+            continue
         try:
             x = builder.inputs(sample)
         except BadSample as err:
@@ -187,6 +207,8 @@ def build_shard(builder: Builder, url: str) -> tuple[np.ndarray, list, dict, str
             continue
         if x is None:
             continue
+        if digest is not None:
+            encoded[digest] = sample["__key__"]
         batch.append(x)
         batch_keys.append(sample["__key__"])
         if len(batch) == builder.batch_size:
@@ -194,7 +216,12 @@ def build_shard(builder: Builder, url: str) -> tuple[np.ndarray, list, dict, str
     if batch:
         flush()
     width = parts[0].shape[1:] if parts else (0,)
-    return (np.concatenate(parts) if parts else np.zeros((0, *width), np.float32)), keys, bad, dtype
+    features = np.concatenate(parts) if parts else np.zeros((0, *width), np.float32)
+    if repeats:
+        row = {key: i for i, key in enumerate(keys)}
+        features = np.concatenate([features, features[[row[source] for _, source in repeats]]])
+        keys += [key for key, _ in repeats]
+    return features, keys, bad, dtype
 
 
 @dataclass
