@@ -19,11 +19,11 @@ f(b), with a learnt logit scale started as CLIP's (1 / 0.07), plus the unsupervi
 
 The adaptor and its file live in mrl_clip.adaptor; embed, search and eval take it as --adaptor.
 --held-out rows (a seeded fraction) are never trained on; the command ends with a table at every dim, on them,
-of plain truncation against the adapted prefixes.
+of plain truncation against the adapted prefixes (--report FILE: the same as JSON, to choose settings on).
 """
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from .adaptor import MatryoshkaAdaptor, save_adaptor
 from .dims import check_dims, check_weights, parse_float_list, parse_int_list
 from .errors import ArgumentParser, UserError
 from .eval.report import render_table
+from .files import write_json
 from .loss import MatryoshkaClipLoss
 from .prefix import normalized_prefix_tensor
 from .search.embed import read_embeddings
@@ -155,6 +156,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=0, help="width of the residual MLP (0: a linear map only)")
     p.add_argument("--held-out", type=float, default=0.1, help="fraction of rows kept out of training")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", default=None, help="also write the held-out table here as JSON "
+                   '{"held_out_rows", "settings", "metrics": {"<dim>": {...}}}')
     args = p.parse_args(argv)
     for flag in ("steps", "batch_size", "topk"):
         if getattr(args, flag) < 1:
@@ -187,6 +190,9 @@ def main(argv=None):
     normal = lambda a: F.normalize(torch.as_tensor(a[held]), dim=-1)  # noqa: E731
     table = held_out_table(adaptor, normal(x), None if y is None else normal(y))
     print(format_held_out(table, len(held)))
+    if args.report:
+        write_json({"held_out_rows": len(held), "settings": asdict(settings),
+                    "metrics": {str(dim): row for dim, row in table.items()}}, args.report)
     print(f"wrote {args.out} ({x.shape[1]}-d, dims {','.join(map(str, dims))})")
     return 0
 

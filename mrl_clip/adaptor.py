@@ -29,7 +29,7 @@ class MatryoshkaAdaptor(torch.nn.Module):
         if trainable:
             # W stays orthogonal while it trains, so every full-width similarity stays as it was: what the
             # prefixes gain costs nothing there. `finished()` turns the parametrisation back into a plain weight.
-            torch.nn.utils.parametrizations.orthogonal(self.linear)
+            torch.nn.utils.parametrizations.orthogonal(self.linear, orthogonal_map="cayley")
         if hidden:
             self.up = torch.nn.Linear(width, hidden)
             self.down = torch.nn.Linear(hidden, width, bias=False)

@@ -1,8 +1,11 @@
 """The embedded demo, in three acts, each at every nested dim, with tables, JSON files and plots:
 1. Fashion-MNIST shards -> a Matryoshka CLIP and a standard CLIP trained from scratch with the same budget on the
-   CPU -> zero-shot accuracy, retrieval recall, linear probes (MRL, MRL-E, per-dim baselines) and cascades.
+   CPU -> zero-shot accuracy, retrieval recall, linear probes (MRL, MRL-E, per-dim baselines), cascades, k-NN and
+   few-shot (pipelines/demo_neighbours.py), and the standard model through Matryoshka-Adaptors fitted on its
+   embeddings of training pairs against plain truncation (pipelines/demo_adapt.py).
 2. ALIGN-style pretrained towers (EfficientNet-Lite0 + all-MiniLM-L6-v2) trained on OpenMoji's captions,
-   Matryoshka vs standard -> held-out image<->text recall and Fashion-MNIST zero-shot (pipelines/demo_align.py).
+   Matryoshka vs standard -> held-out image<->text recall, Fashion-MNIST zero-shot, k-NN and few-shot, and the
+   standard towers through adaptors (pipelines/demo_align.py).
 3. Act 1's standard model made Matryoshka by a short fine-tune (pipelines/demo_mrlize.py).
 
     python -m pipelines.demo --out runs/demo      (what `make demo` runs)
@@ -21,12 +24,14 @@ from mrl_clip.checkpoint import latest_checkpoint
 from mrl_clip.errors import ArgumentParser, UserError, run_cli
 from mrl_clip.eval.report import format_side_by_side, plot_metrics
 from mrl_clip.files import write_json
-from pipelines import demo_align, demo_commands, demo_mrlize, demo_siglip, fashion_mnist
-from pipelines.demo_commands import evaluate
+from pipelines import demo_adapt, demo_align, demo_commands, demo_mrlize, demo_neighbours, demo_siglip, fashion_mnist
+from pipelines.demo_commands import by_run, evaluate
 
 MODEL = "MRL-Tiny-28"
 DIMS = [8, 16, 32, 64, 128, 256]
 PROBE_TRAIN_IMAGES = 2000
+NEIGHBOURS = demo_neighbours.NeighbourSettings(ks=(1, 20), shots=(1, 5, 10), draws=3, long_tail_largest=100)
+ADAPT = demo_adapt.AdaptPlan(pairs=5000)   # the first 5,000 training pairs, a tenth of them held out
 
 
 def build_data(data_dir: Path, source: Path) -> str:
@@ -98,7 +103,7 @@ def main(argv=None):
         runs = {"mrl": train(args.out, "mrl", DIMS, shards, args),
                 "standard": train(args.out, "standard", DIMS[-1:], shards, args)}
     if "1" in acts:
-        act_one(runs, args)
+        act_one(runs, shards, args)
     if "2" in acts:
         print("\n[demo] act 2: ALIGN-style pretrained towers on OpenMoji captions", flush=True)
         demo_align.run(args.out, args.source, args)
@@ -113,11 +118,11 @@ def main(argv=None):
     return 0
 
 
-def act_one(runs: dict, args) -> None:
-    """Zero-shot, retrieval, linear probes and cascades of act 1's two models."""
+def act_one(runs: dict, shards: str, args) -> None:
+    """Zero-shot, retrieval, linear probes, cascades, k-NN and few-shot of act 1's two models, and the adaptors."""
     data = args.out / "data"
     zeroshot = evaluate("zeroshot", runs, data / "fashion_mnist_test", args.out, DIMS)
-    results = dict(zip(runs, zeroshot["models"].values()))
+    results = by_run(runs, zeroshot)
     write_json({"task": "zeroshot", "data": zeroshot["data"], "models": results}, args.out / "results.json")
     plot_metrics(results, ["acc1"], args.out / "accuracy_vs_dim.png",
                  title="Fashion-MNIST zero-shot top-1: MRL vs standard CLIP")
@@ -126,12 +131,33 @@ def act_one(runs: dict, args) -> None:
     evaluate("linear-probe", runs, data / "fashion_mnist_test", args.out, DIMS, "--plot",
              str(args.out / "linear_probe.png"))
     evaluate("cascade", runs, data / "fashion_mnist_test", args.out, DIMS)
+    # after linear-probe: its feature cache of the same folder serves k-NN and few-shot
+    neighbours = demo_neighbours.run(runs, data / "fashion_mnist_test", args.out, DIMS, NEIGHBOURS)
     print()
     print(format_side_by_side(results, "acc1"))
     print()
     print(summarise(results))
+    act_one_adaptor(runs, shards, results, neighbours["knn"], args)
     print(f"[demo] act 1 results in {args.out}: results.json (zero-shot), retrieval.json, linear_probe.json, "
-          "cascade.json, accuracy_vs_dim.png, retrieval.png, linear_probe.png")
+          "cascade.json, knn.json, fewshot.json, adaptor.json, accuracy_vs_dim.png, retrieval.png, "
+          "linear_probe.png, knn.png, fewshot.png, adaptor.png")
+
+
+def act_one_adaptor(runs: dict, shards: str, zeroshot: dict, knn: dict, args) -> dict:
+    """The standard model through adaptors fitted on its embeddings of training pairs, against itself truncated
+    and the MRL model: zero-shot and 1-NN top-1 on the test split (database: the probe train split)."""
+    print("\n[demo] act 1: Matryoshka-Adaptors on the standard model", flush=True)
+    test = args.out / "data" / "fashion_mnist_test"
+    folder = args.out / "adaptor"
+    adaptors = demo_adapt.adapt_standard(runs["standard"], shards, folder, DIMS, ADAPT)
+    tasks = [("zeroshot", test, []), ("knn", test, ["--k", "1"])]
+    adapted = demo_adapt.evaluate_adapted(runs["standard"], adaptors, tasks, folder, DIMS)
+    results = {"mrl": demo_adapt.merge(zeroshot["mrl"], knn["mrl"]),
+               "standard (truncated)": demo_adapt.merge(zeroshot["standard"], knn["standard"]), **adapted}
+    write_json({"adaptors": adaptors, "models": results}, args.out / "adaptor.json")
+    demo_adapt.report(results, ["acc1", "knn1_acc1"], args.out / "adaptor.png",
+                      title="Fashion-MNIST test: standard CLIP through Matryoshka-Adaptors vs truncated vs MRL")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The demo's calls of the command-line tools, as a user would type them: training (reused when finished) and
-evaluation of two models side by side. Every command is printed before it runs."""
+"""The demo's calls of the command-line tools, as a user would type them: training (reused when finished),
+evaluation of models side by side, and any other command (embed, adapt). Every command is printed before it runs."""
 import json
 import subprocess
 import sys
@@ -26,13 +26,29 @@ def train(out: Path, name: str, steps: int, flags: list, done: str = "") -> Path
     return run_dir
 
 
-def evaluate(task: str, runs: dict, data: Path, out: Path, dims: list, *extra, output: str = "") -> dict:
-    """`python -m mrl_clip.eval TASK` on both models, as a user would run it, writing OUT/OUTPUT (default
-    OUT/TASK.json); returns its JSON."""
-    exports = [f"local-dir:{run_dir / 'export'}" for run_dir in runs.values()]
-    path = out / (output or f"{task.replace('-', '_')}.json")
-    cmd = [sys.executable, "-m", "mrl_clip.eval", task, "--model", exports[0], "--compare", exports[1],
-           "--data", str(data), "--dims", ",".join(map(str, dims)), "--output", str(path), *extra]
+def command(module: str, *args, quiet: bool = False) -> None:
+    """`python -m MODULE ARGS`, printed first; quiet: its standard output discarded (its progress bars, on
+    standard error, stay)."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
     print("[demo] " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if quiet else None)
+
+
+def export(run_dir: Path) -> str:
+    return f"local-dir:{run_dir / 'export'}"
+
+
+def evaluate(task: str, runs: dict, data: Path, out: Path, dims: list, *extra, output: str = "") -> dict:
+    """`python -m mrl_clip.eval TASK` on the models (the first as --model, the others as --compare), as a user
+    would run it, writing OUT/OUTPUT (default OUT/TASK.json); returns its JSON."""
+    exports = [export(run_dir) for run_dir in runs.values()]
+    path = out / (output or f"{task.replace('-', '_')}.json")
+    compare = [flag for name in exports[1:] for flag in ("--compare", name)]
+    command("mrl_clip.eval", task, "--model", exports[0], *compare, "--data", data, "--dims", ",".join(map(str, dims)),
+            "--output", path, *extra)
     return json.loads(path.read_text())
+
+
+def by_run(runs: dict, results: dict) -> dict:
+    """An eval JSON's {label: entry} keyed by the demo's names of the runs instead (same order)."""
+    return dict(zip(runs, results["models"].values()))

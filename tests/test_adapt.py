@@ -1,5 +1,7 @@
 """Matryoshka-Adaptor: identity at the start, its objective against a float64 recomputation, full-width
 similarities kept, small prefixes that measurably improve on plain truncation of held-out rows, its file, its CLI."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -95,10 +97,21 @@ def test_adapt_cli_writes_an_adaptor_and_reports_held_out_rows(tmp_path):
         save_embeddings(tmp_path / f"{name}.npz", torch.as_tensor(rows), [str(i) for i in range(len(rows))], {})
     out = tmp_path / "pairs.safetensors"
     result = run_module("mrl_clip", "adapt", "--embeddings", tmp_path / "a.npz", "--pairs", tmp_path / "b.npz",
-                        "--dims", ",".join(map(str, DIMS)), "--out", out, "--steps", "20", "--batch-size", "128")
+                        "--dims", ",".join(map(str, DIMS)), "--out", out, "--steps", "20", "--batch-size", "128",
+                        "--report", tmp_path / "report.json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pair_recall@1_adapted" in result.stdout and "held-out rows: 30" in result.stdout
     assert adaptors.load_adaptor(out, WIDTH).dims == DIMS
+    # --report holds the printed table (there in % to 2 decimals), every dim
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["held_out_rows"] == 30 and report["settings"]["steps"] == 20
+    lines = result.stdout.splitlines()
+    names = lines[lines.index("held-out rows: 30") + 1].split()[1:]
+    printed = {row.split()[0]: list(map(float, row.split()[1:])) for row in lines[lines.index("held-out rows: 30") + 3:]
+               if row.split() and row.split()[0].isdigit()}
+    assert sorted(report["metrics"], key=int) == [str(d) for d in DIMS] == list(printed)
+    for dim, values in printed.items():
+        assert [100 * report["metrics"][dim][n] for n in names] == pytest.approx(values, abs=0.005 + 1e-9)
 
 
 @pytest.mark.parametrize("extra, message", [
