@@ -8,6 +8,7 @@ import torch
 from clip_benchmark.metrics import zeroshot_classification
 from torch.utils.data import DataLoader
 
+from mrl_clip.errors import run_cli
 from mrl_clip.eval import cascade as cascade_module
 from mrl_clip.eval import main as eval_main
 from mrl_clip.eval import probe as probe_module
@@ -173,10 +174,13 @@ def test_retrieval_full_width_equals_clip_benchmark_cli(trained_run, fmnist_data
         (f"local-dir:{trained_run['export']}", [16, 256], ["16", "256"])
 
 
-def test_retrieval_on_a_classification_folder_is_a_one_line_error(fmnist_data):
-    result = run_module("mrl_clip.eval", "retrieval", "--model", TINY, "--data", fmnist_data["eval"])
-    assert result.returncode == 2 and "not a retrieval folder" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_retrieval_on_a_classification_folder_is_a_one_line_error(fmnist_data, capfd):
+    """Through run_cli in this process, what `python -m mrl_clip.eval` runs (tests/test_cli.py runs that spelling)."""
+    with pytest.raises(SystemExit) as exited:
+        run_cli(eval_main.main, ["retrieval", "--model", TINY, "--data", str(fmnist_data["eval"])])
+    stderr = capfd.readouterr().err
+    assert exited.value.code == 2 and "not a retrieval folder" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_compare_puts_both_models_in_one_report_and_plot(trained_run, fmnist_data, tmp_path):
