@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from mrl_clip.errors import UserError
+from mrl_clip.errors import UserError, run_cli
 from mrl_clip.search.index import EmbeddingIndex, parse_funnel
 from mrl_clip.search.store import load_index, parse_stage1
 from tests import numerics
-from tests.conftest import run_module
 
 WIDTH, ROWS = 128, 4000
 
@@ -225,15 +224,19 @@ def test_damaged_index_file_is_a_user_error(embeddings_file, tmp_path, damage, m
         load_index(path)
 
 
-def test_damaged_index_file_is_one_line_from_the_search_cli(embeddings_file, tmp_path):
+def test_damaged_index_file_is_one_line_from_the_search_cli(embeddings_file, tmp_path, capfd):
+    """Through run_cli in this process, what `python -m mrl_clip search` runs (tests/test_cli.py runs that
+    spelling once)."""
     from mrl_clip.search import build
+    from mrl_clip.search import main as search
 
     path = tmp_path / "db.index"
     build.main(["build", "--embeddings", str(embeddings_file / "db.npz"), "--stage1", "int8@32", "--out",
                 str(path)])
     path.write_bytes(path.read_bytes()[:-1])
-    result = run_module("mrl_clip", "search", "--index", path, "--queries", embeddings_file / "queries.npz",
-                        timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {path} is ") and "truncated" in lines[0], result.stderr
+    with pytest.raises(SystemExit) as exited:
+        run_cli(search.main, ["--index", str(path), "--queries", str(embeddings_file / "queries.npz")])
+    stderr = capfd.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path} is ") and "truncated" in lines[0], stderr

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mrl_clip.errors import UserError
+from mrl_clip.errors import UserError, run_cli
 from mrl_clip.search.index import EmbeddingIndex, parse_funnel
 from tests import numerics
 from tests.conftest import TINY, run_module
@@ -155,12 +155,22 @@ def test_eval_retrieval_bad_funnel_is_a_user_error(fmnist_data, funnel, message)
                        *funnel.split(), "--recall-k", "1,10"])
 
 
-def test_eval_retrieval_bad_funnel_is_one_line(fmnist_data):
-    result = run_module("mrl_clip.eval", "retrieval", "--model", TINY, "--data", fmnist_data["captions"],
-                        "--funnel", "256:100,32:10", timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "must not decrease" in lines[0], result.stderr
+def one_line_exit(main, argv, capfd):
+    """(exit code, stderr) of main(argv) through run_cli in this process: what `python -m ...` runs (tests/test_cli.py
+    runs each `python -m` spelling once), without a process start per check."""
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main, [str(a) for a in argv])
+    return exited.value.code, capfd.readouterr().err
+
+
+def test_eval_retrieval_bad_funnel_is_one_line(fmnist_data, capfd):
+    from mrl_clip.eval import main as mrl_eval
+
+    code, stderr = one_line_exit(mrl_eval.main, ["retrieval", "--model", TINY, "--data", fmnist_data["captions"],
+                                                 "--funnel", "256:100,32:10"], capfd)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "must not decrease" in lines[0], stderr
 
 
 def test_eval_retrieval_funnel_at_full_width_equals_exact_eval(trained_run, unique_caption_folder, tmp_path):
@@ -210,11 +220,14 @@ def test_eval_retrieval_binary_stage_one_then_full_width_rerank_matches_numpy(tr
             assert abs(entry["funnel"]["funnel"]["metrics"][f"{side}_retrieval_recall@{k}"] - reference) <= slack
 
 
-def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
+def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path, capsys):
     """Images embedded by the CLI, text queries searched by the CLI == float64 brute force over the file with the
-    query encoded here by open_clip itself."""
+    query encoded here by open_clip itself. The searches run the search verb's main() in this process (what
+    `python -m mrl_clip search` runs; tests/test_cli.py runs that spelling), saving a process start each."""
     import open_clip
     import torch
+
+    from mrl_clip.search import main as search
 
     export = f"local-dir:{trained_run['export']}"
     index_file, texts_file = tmp_path / "photos.npz", tmp_path / "queries.npz"
@@ -239,9 +252,8 @@ def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
         text = model.encode_text(open_clip.get_tokenizer(export)(queries)).numpy()
     for dim in (16, 256):
         hits = tmp_path / f"hits{dim}.json"
-        result = run_module("mrl_clip", "search", "--index", index_file, "--text", queries[0], "--text", queries[1],
-                            "--text", queries[2], "--dim", dim, "--k", 5, "--output", hits)
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert search.main(["--index", str(index_file), "--text", queries[0], "--text", queries[1], "--text",
+                            queries[2], "--dim", str(dim), "--k", "5", "--output", str(hits)]) == 0
         found = json.loads(hits.read_text())["queries"]
         # the search re-normalises the file's float16 rows into its float16 storage: the reference searches those
         # rows in float64, so the float32 scores are within cosine_tolerance (normalise, then dot) of it
@@ -256,17 +268,15 @@ def test_embed_then_search_round_trip(trained_run, image_folder, tmp_path):
     outputs = {}
     for how in (["--dim", "256", "--k", "5"], ["--funnel", "256:20,256:5"]):
         path = tmp_path / f"hits_{how[0][2:]}.json"
-        result = run_module("mrl_clip", "search", "--index", index_file, "--queries", texts_file, *how,
-                            "--output", path)
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert search.main(["--index", str(index_file), "--queries", str(texts_file), *how, "--output", str(path)]) == 0
         outputs[how[0]] = [[h["id"] for h in q["results"]] for q in json.loads(path.read_text())["queries"]]
     assert outputs["--dim"] == outputs["--funnel"]
 
     # an image finds itself first
     query_image = sorted(image_folder.glob("*.png"))[7]
-    result = run_module("mrl_clip", "search", "--index", index_file, "--image", query_image, "--k", 3)
-    assert result.returncode == 0, result.stderr[-3000:]
-    first = result.stdout.splitlines()[1].split()
+    capsys.readouterr()
+    assert search.main(["--index", str(index_file), "--image", str(query_image), "--k", "3"]) == 0
+    first = capsys.readouterr().out.splitlines()[1].split()
     assert first[0] == "1" and first[2] == str(query_image) and float(first[1]) > 0.999
 
 
@@ -296,9 +306,11 @@ def test_search_errors_are_user_errors(small_index, args, message):
         search.main(["--index", str(small_index), *args])
 
 
-def test_search_error_is_one_line(small_index):
-    result = run_module("mrl_clip", "search", "--index", small_index, "--text", "x", "--dim", "300", timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+def test_search_error_is_one_line(small_index, capfd):
+    from mrl_clip.search import main as search
+
+    code, stderr = one_line_exit(search.main, ["--index", small_index, "--text", "x", "--dim", "300"], capfd)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] == "error: --dim 300 is outside 1..256 (the width of " \
-        f"{small_index})", result.stderr
+        f"{small_index})", stderr

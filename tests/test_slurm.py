@@ -57,37 +57,12 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_sbatch_two_ranks_zero2_trains_and_exports(slurm, fmnist_data, tmp_path):
-    out = tmp_path / "job.out"
-    job = subprocess.run(["sbatch", "--wait", "--output", str(out), str(ROOT / "slurm" / "train_tiny.sh"),
-                          "--log-every-n-steps", "1"],
-                         cwd=ROOT, env=sbatch_env(tmp_path, fmnist_data["train"]), capture_output=True, text=True,
-                         timeout=900)
-    text = out.read_text()
-    assert job.returncode == 0, text[-3000:]
-    # two ranks, each on its own half of the shards
-    reads = [line.split("reads shards: ")[1].split() for line in text.splitlines() if "reads shards: " in line]
-    assert len(reads) == 2 and not set(reads[0]) & set(reads[1])
-    assert sorted(reads[0] + reads[1]) == sorted(str(p) for p in Path(fmnist_data["train"]).parent.glob("train-*.tar"))
-    run_dir = tmp_path / "runs" / "tiny"
-    log = read_log(run_dir)
-    assert [r["step"] for r in log] == list(range(1, 17))  # 1 epoch of 2048 samples, global batch 128
-    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
-    assert last < first - 0.5, (first, last)
-    assert (run_dir / "checkpoints" / "deepspeed" / "latest").read_text() == "step_16"
-
-    import open_clip
-    loaded = open_clip.create_model_and_transforms(f"local-dir:{run_dir / 'export'}")[0]
-    from_checkpoint = open_clip.create_model_and_transforms(
-        "MRL-Tiny-28", pretrained=str(run_dir / "checkpoints" / "step_16.pt"))[0]
-    for (name, a), b in zip(loaded.state_dict().items(), from_checkpoint.state_dict().values()):
-        assert torch.equal(a, b), name
-
-
-def test_preempted_job_checkpoints_requeues_and_finishes(slurm, fmnist_data, tmp_path):
-    """USR1 to the batch shell (what `#SBATCH --signal=B:USR1@60` does before the time limit): the ranks
+def test_sbatch_two_ranks_zero2_trains_is_preempted_requeues_finishes_and_exports(slurm, fmnist_data, tmp_path):
+    """slurm/train_tiny.sh: two ZeRO-2 ranks, each on its own half of the shards, train one epoch and export. On the
+    way, USR1 to the batch shell (what `#SBATCH --signal=B:USR1@60` does before the time limit): the ranks
     checkpoint and exit, the job requeues itself, and the requeued job resumes and ends at the planned step.
-    Slurm holds a requeued job for about two minutes before it may start again; the test lifts that hold."""
+    Slurm holds a requeued job for about two minutes before it may start again; the test lifts that hold.
+    (One job for both claims: an uninterrupted job would train the same run again.)"""
     out = tmp_path / "job.out"
     job = subprocess.Popen(["sbatch", "--wait", "--parsable", "--output", str(out),
                             str(ROOT / "slurm" / "train_tiny.sh"), "--log-every-n-steps", "1"],
@@ -115,8 +90,24 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm, fmnist_data, tmp
     assert "requeueing job" in text and "(restart 1)" in text
     assert f"resumed at step {preempted_at}" in text
     assert "done: 16 steps" in text
-    steps = [r["step"] for r in read_log(run_dir)]
-    assert steps == list(range(1, preempted_at + 1)) + list(range(preempted_at + 1, 17))
+    log = read_log(run_dir)
+    assert [r["step"] for r in log] == list(range(1, 17))  # 1 epoch of 2048 samples, global batch 128, each once
+    # two ranks, each on its own half of the shards, in the first job and in the requeued one (the output appends)
+    reads = [line.split("reads shards: ")[1].split() for line in text.splitlines() if "reads shards: " in line]
+    shards = sorted(str(p) for p in Path(fmnist_data["train"]).parent.glob("train-*.tar"))
+    assert len(reads) == 4, reads
+    for job_reads in (reads[:2], reads[2:]):
+        assert not set(job_reads[0]) & set(job_reads[1]) and sorted(job_reads[0] + job_reads[1]) == shards
+    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert (run_dir / "checkpoints" / "deepspeed" / "latest").read_text() == "step_16"
+
+    import open_clip
+    loaded = open_clip.create_model_and_transforms(f"local-dir:{run_dir / 'export'}")[0]
+    from_checkpoint = open_clip.create_model_and_transforms(
+        "MRL-Tiny-28", pretrained=str(run_dir / "checkpoints" / "step_16.pt"))[0]
+    for (name, a), b in zip(loaded.state_dict().items(), from_checkpoint.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def release_requeued_job(job_id, job, deadline):
