@@ -24,11 +24,19 @@ def run_cli(main, argv=None):
     try:
         return main(argv)
     except UserError as err:
+        close_progress_bars()  # the error line starts a line of its own, not the end of a bar's
         print(f"error: {err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def not_a_command(verb: str):

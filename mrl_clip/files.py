@@ -2,10 +2,15 @@
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .errors import UserError
+
+FULL_DISK_BYTES = 1 << 20  # a write that failed with less than this left on the disk failed for want of space
 
 PARTIAL_FILE = re.compile(r"^\..+\.tmp$")
 
@@ -24,9 +29,14 @@ def atomic_write(path, write) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_folder(path.parent)  # the rename itself survives a crash
-    except BaseException:
+    except BaseException as err:
+        # torch.save reports a full disk as a RuntimeError ("unexpected pos"), numpy as an OSError without errno
+        free = shutil.disk_usage(path.parent).free if isinstance(err, (OSError, RuntimeError)) else None
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if free is not None and free < FULL_DISK_BYTES:
+            raise UserError(f"cannot write {path}: the disk is full ({free} bytes free on its disk; the partial "
+                            "file was removed)") from None
         raise
     return path
 

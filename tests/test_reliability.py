@@ -299,3 +299,32 @@ def test_feature_cache_holding_a_pickled_payload_is_recomputed_not_run(tmp_path)
     features, labels = cached_features(tmp_path, key, lambda: (torch.ones(2, 4), [0, 1]))
     assert torch.equal(features, torch.ones(2, 4)) and labels.tolist() == [0, 1]
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_disk_that_fills_up_during_a_checkpoint_is_one_line_and_the_last_checkpoint_stays_intact(tmp_path):
+    """A real tmpfs with room for one checkpoint (and the logs) but not two: the second save fails on the full disk.
+    One line naming the file, exit 2, no partial file, and the first checkpoint equal to the same run's on a roomy
+    disk."""
+    data = tmp_path / "data"
+    broken_shards(data)
+    args = [*TRAIN, "--train-data", data / "train-{0000..0003}.tar", "--train-num-samples", "128", "--batch-size", "16",
+            "--workers", "1", "--save-every-n-steps", "2", "--max-steps", "4", "--max-bad-fraction", "0.5"]
+    roomy = run_module(*args, "--logs", tmp_path, "--name", "roomy", timeout=300)
+    assert roomy.returncode == 0, roomy.stderr[-3000:]
+    size = (tmp_path / "roomy" / "checkpoints" / "step_2.pt").stat().st_size
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(mount)]).returncode:
+        import pytest
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        full = run_module(*args, "--logs", mount, "--name", "full", timeout=300)
+        errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+        assert full.returncode == 2 and len(errors) == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+        assert f"cannot write {mount / 'full' / 'checkpoints' / 'step_4.pt'}: the disk is full" in errors[0]
+        checkpoints = mount / "full" / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2.pt"]  # no partial file left
+        assert_same_training_state(load_checkpoint_file(checkpoints / "step_2.pt"),
+                                   load_checkpoint_file(tmp_path / "roomy" / "checkpoints" / "step_2.pt"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
