@@ -80,7 +80,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--align-steps", type=int, default=75, help="act 2: training steps per model")
+    parser.add_argument("--align-steps", type=int, default=600,
+                        help="act 2: training steps per model, from the feature cache (docs/demo.md: where the "
+                             "curves flatten)")
     parser.add_argument("--align-batch-size", type=int, default=64)
     parser.add_argument("--align-lr", type=float, default=3e-3)
     parser.add_argument("--mrlize-steps", type=int, default=100, help="act 3: Matryoshka fine-tune steps")
