@@ -36,14 +36,15 @@ def test_a_plain_engine_is_an_engine():
 # the keys mrl_clip.train has written beside open_clip's ("epoch", "name", "state_dict", "optimizer") since
 # exact resumes came in: checkpoints written before this module existed must still resume
 CHECKPOINT_KEYS = ["step", "epoch", "name", "model", "dims", "dim_weights", "world_size", "seed", "data",
-                   "nonfinite", "locks", "siglip", "validated_step"]
+                   "nonfinite", "locks", "siglip", "validated_step", "deterministic_towers"]
 
 
 def a_record():
     return {"step": 12, "epoch": 1, "name": "run", "model": "MRL-Tiny-28", "dims": [8, 256], "dim_weights": [1.0, 1.0],
             "world_size": 1, "seed": 3, "data": [{"epoch": 1, "batches": 2, "read_before": 64, "bad_before": 0,
                                                  "workers": 1, "consumed": {0: 64}, "bad": {0: 0}}],
-            "nonfinite": {"in_row": 0, "total": 1, "first_in_row": None}, "locks": "", "siglip": False, "validated_step": 10}
+            "nonfinite": {"in_row": 0, "total": 1, "first_in_row": None}, "locks": "", "siglip": False, "validated_step": 10,
+            "deterministic_towers": False}
 
 
 def test_run_state_reads_and_writes_the_checkpoint_record():
