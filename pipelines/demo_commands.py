@@ -17,11 +17,8 @@ def train(out: Path, name: str, steps: int, flags: list, done: str = "") -> Path
     if last is not None and last.name == f"step_{steps}.pt" and (run_dir / "export").is_dir():
         print(f"[demo] reusing finished run {run_dir}")
         return run_dir
-    cmd = [sys.executable, "-m", "mrl_clip.train", *map(str, flags), "--logs", str(out), "--name", name,
-           "--resume", "latest"]
-    print("[demo] " + " ".join(cmd[1:]), flush=True)
     started = time.time()
-    subprocess.run(cmd, check=True)
+    command("mrl_clip.train", *flags, "--logs", out, "--name", name, "--resume", "latest")
     print(f"[demo] {done or f'trained {name}'} in {time.time() - started:.0f} s", flush=True)
     return run_dir
 

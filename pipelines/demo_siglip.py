@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mrl_clip.eval.report import format_side_by_side, plot_metrics, render_table
 from mrl_clip.files import write_json
-from pipelines.demo_commands import evaluate
+from pipelines.demo_commands import by_run, evaluate
 
 RETRIEVAL_METRICS = ["image_retrieval_recall@10", "text_retrieval_recall@10"]
 # CLIP_benchmark's names: image retrieval ranks images for a caption, text retrieval captions for an image
@@ -39,8 +39,7 @@ def run(out: Path, train, shards: str, dims: list, args) -> dict:
     zeroshot = evaluate("zeroshot", runs, data / "fashion_mnist_test", out, dims, output="siglip_zeroshot.json")
     retrieval = evaluate("retrieval", runs, data / "fashion_mnist_captions", out, dims,
                          output="siglip_retrieval.json")
-    results = {"zeroshot": dict(zip(runs, zeroshot["models"].values())),
-               "retrieval": dict(zip(runs, retrieval["models"].values()))}
+    results = {"zeroshot": by_run(runs, zeroshot), "retrieval": by_run(runs, retrieval)}
     write_json({"runs": {label: str(path) for label, path in runs.items()}, **results}, out / "siglip.json")
     plot_metrics(results["zeroshot"], ["acc1"],
                  out / "siglip_accuracy_vs_dim.png",

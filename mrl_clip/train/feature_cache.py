@@ -138,17 +138,14 @@ class Builder:
     autocast: object
     input_dtype: torch.dtype = torch.float32
 
-    def inputs(self, sample, image: bool = True):
+    def inputs(self, sample):
         """The trunk's input for one sample; None for one the stream rejects before looking features up (no image,
-        no usable caption); BadSample for one it skips as bad at this tower (undecodable, the transform failed).
-        image=False: only whether the sample gets that far (True), without decoding its image."""
+        no usable caption); BadSample for one it skips as bad at this tower (undecodable, the transform failed)."""
         where = sample_name(sample)
         try:
             text, image_key = sample_caption(sample, where)
         except BadSample:
             return None
-        if not image:
-            return True
         try:
             if self.trunk.tower == IMAGE:
                 return self.preprocess(decode_image(sample, where, image_key))
@@ -197,8 +194,11 @@ def build_shard(builder: Builder, url: str) -> tuple[np.ndarray, list, dict, str
     for sample in tarfile_to_samples_nothrow([{"url": url}], handler=lambda exn: True):
         digest = image_digest(builder, sample)
         if digest in encoded:
-            if builder.inputs(sample, image=False) is not None:  # its caption is usable too
+            try:
+                sample_caption(sample, sample_name(sample))  # the stream reads it only with a usable caption
                 repeats.append((sample["__key__"], encoded[digest]))
+            except BadSample:
+                pass
             continue
         try:
             x = builder.inputs(sample)
