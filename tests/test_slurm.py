@@ -64,27 +64,25 @@ def test_sbatch_two_ranks_zero2_trains_is_preempted_requeues_finishes_and_export
     Slurm holds a requeued job for about two minutes before it may start again; the test lifts that hold.
     (One job for both claims: an uninterrupted job would train the same run again.)"""
     out = tmp_path / "job.out"
-    job = subprocess.Popen(["sbatch", "--wait", "--parsable", "--output", str(out),
-                            str(ROOT / "slurm" / "train_tiny.sh"), "--log-every-n-steps", "1"],
-                           cwd=ROOT, env=sbatch_env(tmp_path, fmnist_data["train"]), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    submitted = subprocess.run(["sbatch", "--parsable", "--output", str(out), str(ROOT / "slurm" / "train_tiny.sh"),
+                                "--log-every-n-steps", "1"],
+                               cwd=ROOT, env=sbatch_env(tmp_path, fmnist_data["train"]), capture_output=True,
+                               text=True, check=True)
+    job_id = submitted.stdout.strip().split(";")[0]
     run_dir = tmp_path / "runs" / "tiny"
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + 900
         while len(read_log(run_dir)) < 4:
-            assert time.time() < deadline and job.poll() is None, "job ended or stalled before step 4"
+            assert time.time() < deadline and job_fields(job_id)["JobState"] in ("PENDING", "RUNNING"), \
+                "job ended or stalled before step 4"
             time.sleep(1)
-        job_id = subprocess.run(["squeue", "-h", "-n", "mrl-tiny", "-o", "%i"], capture_output=True,
-                                text=True).stdout.split()[0]
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-        release_requeued_job(job_id, job, deadline)
-        stdout, stderr = job.communicate(timeout=900)
+        final = wait_for_requeued_job(job_id, deadline)
     finally:
-        if job.poll() is None:
-            job.kill()
-            subprocess.run(["scancel", "-n", "mrl-tiny"])
+        if job_fields(job_id).get("JobState") not in FINISHED:
+            subprocess.run(["scancel", job_id])
     text = out.read_text()
-    assert job.returncode == 0, text[-3000:]
+    assert final == ("COMPLETED", "0:0"), (final, text[-3000:])
     preempted_at = int(text.split("pre-empted: checkpoint at step ")[1].split()[0])
     assert 4 <= preempted_at < 16
     assert "requeueing job" in text and "(restart 1)" in text
@@ -110,14 +108,30 @@ def test_sbatch_two_ranks_zero2_trains_is_preempted_requeues_finishes_and_export
         assert torch.equal(a, b), name
 
 
-def release_requeued_job(job_id, job, deadline):
-    """Once the requeued job waits on its begin time (Slurm's hold of about two minutes), start it now."""
-    while job.poll() is None and time.time() < deadline:
-        reason = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], capture_output=True, text=True).stdout
-        if "BeginTime" in reason:
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+            "OUT_OF_MEMORY"}
+
+
+def job_fields(job_id) -> dict:
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+    return dict(field.split("=", 1) for field in shown.split() if "=" in field)
+
+
+def wait_for_requeued_job(job_id, deadline) -> tuple[str, str]:
+    """Wait until the job, requeued once, has run again and ended; return its (JobState, ExitCode). Not
+    `sbatch --wait`: that polls the job every few seconds and takes it for ended when a poll falls in the moment
+    of the requeue. Slurm holds a requeued job for about two minutes before it may start again; this lifts it."""
+    ran_again = False
+    while time.time() < deadline:
+        job = job_fields(job_id)
+        requeued = int(job.get("Restarts", "0")) >= 1
+        if requeued and "BeginTime" in job.get("Reason", ""):
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-            return
+        ran_again = ran_again or (requeued and job["JobState"] == "RUNNING")
+        if ran_again and job["JobState"] in FINISHED:
+            return job["JobState"], job["ExitCode"]
         time.sleep(1)
+    raise AssertionError(f"job {job_id} did not run again and end in time: {job}")
 
 
 def test_train_vitb_script_runs_on_cpu_ranks(slurm, fmnist_data, tmp_path):
