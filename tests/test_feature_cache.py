@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from mrl_clip.train import feature_cache, finetune, locked_towers
-from tests.conftest import ROOT, TINY, TINY_DIMS
+from mrl_clip.train.main import main as train_main
+from tests.conftest import ROOT, TINY, TINY_DIMS, one_line_exit
 from tests.test_finetune import HF_TINY, LITE0, LITE0_DIMS, lite0_configs, one_error_line  # noqa: F401
 
 LOCK_BOTH = ["--lock-image", "--lock-text", "--lock-text-freeze-layer-norm", "--deterministic-towers"]
@@ -30,15 +31,20 @@ def two_shards(data) -> str:
     return re.sub(r"\{0000\.\.\d+\}", "{0000..0001}", str(data["train"]))
 
 
+def train_flags(data, logs, name, *extra, steps=4, model=TINY, dims=TINY_DIMS) -> list:
+    """mrl_clip.train's flags on two Fashion-MNIST shards (1024 pairs), 8 pairs a batch."""
+    return ["--model", model, "--train-data", two_shards(data), "--train-num-samples", "1024", "--dims",
+            ",".join(map(str, dims)), "--batch-size", "8", "--max-steps", steps, "--lr", "1e-2", "--warmup", "1",
+            "--workers", "1", "--threads", "1", "--output-dir", logs, "--name", name, "--log-every-n-steps", "1",
+            "--save-every-n-steps", "2", *extra]
+
+
 def train(data, logs, name, *extra, steps=4, model=TINY, dims=TINY_DIMS, configs=None, env=None, launch=None,
           check=True):
-    """The real CLI on two Fashion-MNIST shards (1024 pairs), 8 pairs a batch."""
+    """The real CLI, in a process of its own: train_flags()."""
     head = launch or ([sys.executable, ROOT / "tests" / "with_model_configs.py", configs] if configs
                       else [sys.executable, "-m"])
-    args = [*head, "mrl_clip.train", "--model", model, "--train-data", two_shards(data), "--train-num-samples",
-            "1024", "--dims", ",".join(map(str, dims)), "--batch-size", "8", "--max-steps", steps, "--lr", "1e-2",
-            "--warmup", "1", "--workers", "1", "--threads", "1", "--output-dir", logs, "--name", name,
-            "--log-every-n-steps", "1", "--save-every-n-steps", "2", *extra]
+    args = [*head, "mrl_clip.train", *train_flags(data, logs, name, *extra, steps=steps, model=model, dims=dims)]
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                                  **(env or {})})
@@ -219,18 +225,18 @@ def test_deepspeed_cached_equals_uncached(fmnist_data, tmp_path):
     (["--lock-text", "--deterministic-towers", "--feature-cache", "X"], "needs --lock-text-freeze-layer-norm"),
     (["--deterministic-towers", "--feature-cache", "X"], "no tower is locked"),
 ])
-def test_refused_in_one_line(fmnist_data, tmp_path, flags, message):
+def test_refused_in_one_line(fmnist_data, tmp_path, flags, message, capfd):
     flags = [str(tmp_path / "c") if f == "X" else f for f in flags]
-    result = train(fmnist_data, tmp_path, "bad", *flags, check=False)
-    assert result.returncode == 2 and message in one_error_line(result.stderr)
+    code, stderr = one_line_exit(train_main, train_flags(fmnist_data, tmp_path, "bad", *flags), capfd)
+    assert code == 2 and message in one_error_line(stderr)
 
 
-def test_unwritable_cache_directory_is_one_line(fmnist_data, tmp_path):
+def test_unwritable_cache_directory_is_one_line(fmnist_data, tmp_path, capfd):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = train(fmnist_data, tmp_path, "bad", *LOCK_IMAGE, "--feature-cache", blocker / "cache", check=False)
-    assert result.returncode == 2 and f"--feature-cache {blocker / 'cache'} is not writable" in one_error_line(
-        result.stderr)
+    flags = train_flags(fmnist_data, tmp_path, "bad", *LOCK_IMAGE, "--feature-cache", blocker / "cache")
+    code, stderr = one_line_exit(train_main, flags, capfd)
+    assert code == 2 and f"--feature-cache {blocker / 'cache'} is not writable" in one_error_line(stderr)
 
 
 def test_full_disk_during_the_build_is_one_line_and_never_read_as_complete(fmnist_data, tmp_path):
@@ -254,8 +260,9 @@ def test_full_disk_during_the_build_is_one_line_and_never_read_as_complete(fmnis
 
 
 def test_a_repeated_image_is_encoded_once_and_gets_the_same_row(tmp_path):
-    """OpenMoji's layout: one image under several captions. The build encodes each distinct image once; every
-    sample's row equals its own image encoded alone, and a repeated undecodable image is named for each sample."""
+    """OpenMoji's layout: one image under several captions, in one shard and again in the next pass's shard. The
+    build encodes each distinct image once; every sample's row equals its own image encoded alone, and a repeated
+    undecodable image is named for each sample."""
     import io
 
     import numpy as np
@@ -271,22 +278,33 @@ def test_a_repeated_image_is_encoded_once_and_gets_the_same_row(tmp_path):
     locked_towers.pin_eval([trunk])
     rng = np.random.default_rng(0)
     images = []
-    for _ in range(3):
+    for _ in range(4):
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buffer, format="PNG")
         images.append(buffer.getvalue())
-    shard = tmp_path / "moji-0000.tar"
-    order = [0, 1, 0, 2, 1, 0, "bad", "bad"]
-    with wds.TarWriter(str(shard)) as sink:
-        for i, which in enumerate(order):
-            sink.write({"__key__": f"s{i}", "png": b"not a png" if which == "bad" else images[which],
-                        "txt": f"caption {i}".encode()})
+    orders = {"moji-0000.tar": [0, 1, 0, 2, 1, 0, "bad", "bad"], "moji-0001.tar": [2, 3, 1, 3, "bad"]}
+    for name, order in orders.items():
+        with wds.TarWriter(str(tmp_path / name)) as sink:
+            for i, which in enumerate(order):
+                sink.write({"__key__": f"s{i}", "png": b"not a png" if which == "bad" else images[which],
+                            "txt": f"caption {i}".encode()})
     builder = feature_cache.Builder(trunk, preprocess, None, batch_size=2, device="cpu", autocast=nullcontext)
-    features, keys, bad, _ = feature_cache.build_shard(builder, str(shard))
-    assert sorted(bad) == ["s6", "s7"] and "moji-0000.tar:s7: undecodable png" in bad["s7"]
-    assert sorted(keys) == [f"s{i}" for i in range(6)] and features.shape[0] == 6
-    with torch.no_grad():
-        for key, row in zip(keys, features):
-            image = Image.open(io.BytesIO(images[order[int(key[1:])]])).convert("RGB")
-            alone = trunk.encode(preprocess(image)[None]).float().numpy()[0]
-            assert np.array_equal(row, alone), key
+    encoded = []
+    encode = builder.encode
+    builder.encode = lambda batch: encoded.append(len(batch)) or encode(batch)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    feature_cache.build_shards(folder, builder, [str(tmp_path / name) for name in orders], rank=0)
+    assert sum(encoded) == 4  # the four distinct images, each once
+    for name, order in orders.items():
+        entry, problem = feature_cache.read_shard(folder, feature_cache.shard_stem(str(tmp_path / name)))
+        assert problem is None
+        bad = [f"s{i}" for i, which in enumerate(order) if which == "bad"]
+        assert sorted(entry.bad) == bad and f"{name}:{bad[-1]}: undecodable png" in entry.bad[bad[-1]]
+        assert sorted(entry.rows) == sorted(f"s{i}" for i, which in enumerate(order) if which != "bad")
+        rows = np.load(entry.path)
+        with torch.no_grad():
+            for key, i in entry.rows.items():
+                image = Image.open(io.BytesIO(images[order[int(key[1:])]])).convert("RGB")
+                alone = trunk.encode(preprocess(image)[None]).float().numpy()[0]
+                assert np.array_equal(rows[i], alone), (name, key)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,17 +108,12 @@ def read_shard(folder: Path, stem: str) -> tuple[Optional[ShardFeatures], Option
 
 
 def write_shard(folder: Path, stem: str, features: np.ndarray, keys: list, bad: dict, dtype: str) -> None:
-    """The .npy, then the .json that completes it, each atomically; a full disk is one line naming the path."""
+    """The .npy, then the .json that completes it, each atomically (a full disk: atomic_write's one line)."""
     npy_path = folder / f"{stem}.npy"
-    try:
-        atomic_write(npy_path, lambda tmp: _save_npy(tmp, features))
-        meta = {"keys": keys, "bad": bad, "dtype": dtype, "npy_bytes": npy_path.stat().st_size,
-                "npy_digest": file_digest(npy_path)}
-        atomic_write(folder / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
-    except OSError as err:  # numpy reports a short write without an errno: say what is left on the disk
-        free = shutil.disk_usage(folder).free
-        raise UserError(f"feature cache: cannot write {npy_path}: {err.strerror or err} ({free} bytes free on its "
-                        "disk)") from None
+    atomic_write(npy_path, lambda tmp: _save_npy(tmp, features))
+    meta = {"keys": keys, "bad": bad, "dtype": dtype, "npy_bytes": npy_path.stat().st_size,
+            "npy_digest": file_digest(npy_path)}
+    atomic_write(folder / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
 
 def _save_npy(path, array: np.ndarray) -> None:
@@ -173,14 +167,41 @@ def image_digest(builder: Builder, sample) -> Optional[bytes]:
     return hashlib.blake2b(sample[image_key], digest_size=16).digest()
 
 
-def build_shard(builder: Builder, url: str) -> tuple[np.ndarray, list, dict, str]:
-    """(features, keys, bad {key: message}, dtype) of one shard, in batches through the trunk. A sample without an
-    image or caption is left out and not recorded: the stream finds that itself before looking features up. An
-    image seen before in the shard (OpenMoji: one image, several captions) is encoded once and its row repeated."""
+@dataclass
+class SeenImages:
+    """Images a build encoded in its earlier shards: digest -> (that shard's .npy, row), up to `limit` of them.
+    Data sets with several captions an image write one caption a pass, a pass a shard (OpenMoji: 4 passes), so
+    each image comes back in every pass's shard; its row is copied, not encoded again."""
+    limit: int = 1_000_000
+    where: dict = field(default_factory=dict)
+    dtype: str = "torch.float32"    # the trunk's output dtype, which the rows are stored from
+    _arrays: dict = field(default_factory=dict, repr=False)
+
+    def row(self, digest: Optional[bytes]) -> Optional[np.ndarray]:
+        path, i = self.where.get(digest, (None, None))
+        if path is None:
+            return None
+        if path not in self._arrays:
+            self._arrays[path] = np.load(path, mmap_mode="r")
+        return np.array(self._arrays[path][i])
+
+    def add(self, npy_path: Path, keys: list, digests: dict, dtype: str) -> None:
+        self.dtype = dtype
+        for i, key in enumerate(keys):
+            digest = digests.get(key)
+            if digest is not None and digest not in self.where and len(self.where) < self.limit:
+                self.where[digest] = (str(npy_path), i)
+
+
+def build_shard(builder: Builder, url: str, seen: Optional[SeenImages] = None):
+    """(features, keys, bad {key: message}, dtype, digests {key: image digest}) of one shard, in batches through the
+    trunk. A sample without an image or caption is left out and not recorded: the stream finds that itself before
+    looking features up. An image seen before in the shard (OpenMoji: one image, several captions) is encoded once
+    and its row repeated; one seen in an earlier shard of the build (`seen`) has its row copied from there."""
     keys, bad, batch, batch_keys, parts = [], {}, [], [], []
-    encoded = {}    # image digest -> key of the sample encoded with that image
-    repeats = []    # (key, key of the sample whose row it repeats)
-    dtype = "torch.float32"
+    encoded, digests = {}, {}   # image digest -> key of the sample encoded with it; key -> its image's digest
+    repeats, copied = [], []    # (key, key of the sample whose row it repeats); (key, row from an earlier shard)
+    dtype = seen.dtype if seen is not None else "torch.float32"
 
     def flush():
         nonlocal dtype
@@ -192,36 +213,44 @@ def build_shard(builder: Builder, url: str) -> tuple[np.ndarray, list, dict, str
         batch_keys.clear()
 
     for sample in tarfile_to_samples_nothrow([{"url": url}], handler=lambda exn: True):
-        digest = image_digest(builder, sample)
-        if digest in encoded:
+        key, digest = sample["__key__"], image_digest(builder, sample)
+        earlier = seen.row(digest) if seen is not None and digest not in encoded else None
+        if digest in encoded or earlier is not None:
             try:
                 sample_caption(sample, sample_name(sample))  # the stream reads it only with a usable caption
-                repeats.append((sample["__key__"], encoded[digest]))
             except BadSample:
-                pass
+                continue
+            digests[key] = digest
+            if earlier is None:
+                repeats.append((key, encoded[digest]))
+            else:
+                copied.append((key, earlier))
             continue
         try:
             x = builder.inputs(sample)
         except BadSample as err:
-            bad[sample["__key__"]] = str(err)
+            bad[key] = str(err)
             continue
         if x is None:
             continue
         if digest is not None:
-            encoded[digest] = sample["__key__"]
+            encoded[digest], digests[key] = key, digest
         batch.append(x)
-        batch_keys.append(sample["__key__"])
+        batch_keys.append(key)
         if len(batch) == builder.batch_size:
             flush()
     if batch:
         flush()
-    width = parts[0].shape[1:] if parts else (0,)
+    width = parts[0].shape[1:] if parts else copied[0][1].shape if copied else (0,)
     features = np.concatenate(parts) if parts else np.zeros((0, *width), np.float32)
     if repeats:
         row = {key: i for i, key in enumerate(keys)}
         features = np.concatenate([features, features[[row[source] for _, source in repeats]]])
         keys += [key for key, _ in repeats]
-    return features, keys, bad, dtype
+    if copied:
+        features = np.concatenate([features, np.stack([row for _, row in copied])])
+        keys += [key for key, _ in copied]
+    return features, keys, bad, dtype, digests
 
 
 @dataclass
@@ -294,11 +323,15 @@ def prepare_tower(root: Path, key: dict, builder: Builder, shards: list, rank: i
 
 def build_shards(folder: Path, builder: Builder, todo: list, rank: int) -> None:
     kill_after = int(os.environ.get("MRL_CLIP_TEST_KILL_BUILD_AFTER", "0"))  # tests: a build killed for real
+    seen = SeenImages()
     for done, url in enumerate(tqdm(todo, desc=f"feature cache ({builder.trunk.tower}, rank {rank})",
                                     unit="shard", dynamic_ncols=True)):
         if kill_after and done == kill_after:
             os.kill(os.getpid(), 9)
-        write_shard(folder, shard_stem(url), *build_shard(builder, url))
+        features, keys, bad, dtype, digests = build_shard(builder, url, seen)
+        stem = shard_stem(url)
+        write_shard(folder, stem, features, keys, bad, dtype)
+        seen.add(folder / f"{stem}.npy", keys, digests, dtype)
 
 
 def read_all(folder: Path, shards: list) -> dict:
