@@ -12,6 +12,14 @@ from mrl_clip.checkpoint import latest_checkpoint
 from pipelines import fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test's two workers share the two cores: each computes on one thread, and so do the processes a test
+    # starts without a --threads of their own (two threads each would oversubscribe the cores)
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 TINY = "MRL-Tiny-28"
 TINY_DIMS = [8, 16, 32, 64, 128, 256]
 
@@ -21,6 +29,24 @@ def run_module(*args, timeout=600, env=None):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def run_verb(*args):
+    """`python -m mrl_clip ARGS` in this process, for tests whose subject is not the process start (tests/test_cli.py
+    starts each spelling once); a user mistake raises UserError."""
+    from mrl_clip import cli
+
+    assert cli.main([str(a) for a in args]) in (0, None)
+
+
+def one_line_exit(main, argv, capfd):
+    """(exit code, stderr) of main(argv) through run_cli in this process: what `python -m ...` runs (tests/test_cli.py
+    runs each `python -m` spelling once), without a process start per check."""
+    from mrl_clip.errors import run_cli
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main, [str(a) for a in argv])
+    return exited.value.code, capfd.readouterr().err
 
 
 def made_once(tmp_path_factory, name: str, make) -> dict:

@@ -10,7 +10,7 @@ from mrl_clip import adapt, adaptor as adaptors
 from mrl_clip.errors import UserError
 from mrl_clip.search.embed import save_embeddings
 
-from .conftest import run_module
+from .conftest import one_line_exit, run_module, run_verb
 
 WIDTH, DIMS = 32, [4, 8, 16, 32]
 
@@ -120,19 +120,19 @@ def test_adapt_cli_writes_an_adaptor_and_reports_held_out_rows(tmp_path):
     (["--dims", "4,32", "--held-out", "1.5"], "--held-out must be between 0 and 1"),
     (["--dims", "4,32", "--embeddings", "prefix.npz"], "learns from full-width float embeddings"),
 ])
-def test_bad_adapt_input_is_one_line(tmp_path, extra, message):
+def test_bad_adapt_input_is_one_line(tmp_path, extra, message, capfd):
     x = spread_embeddings(40)
     save_embeddings(tmp_path / "a.npz", torch.as_tensor(x), [str(i) for i in range(40)], {})
     save_embeddings(tmp_path / "short.npz", torch.as_tensor(x[:30]), [str(i) for i in range(30)], {})
     save_embeddings(tmp_path / "prefix.npz", torch.as_tensor(x), [str(i) for i in range(40)], {}, dim=8)
     args = ["--embeddings", "a.npz", "--out", "o.safetensors", *extra]
     args = [str(tmp_path / a) if a.endswith(".npz") else a for a in args]
-    result = run_module("mrl_clip", "adapt", *args)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    code, stderr = one_line_exit(adapt.main, args, capfd)
+    assert code == 2 and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
 
 
-def test_adaptor_through_embed_search_and_eval(trained_run, image_folder, fmnist_data, tmp_path):
+def test_adaptor_through_embed_search_and_eval(trained_run, image_folder, fmnist_data, tmp_path, capfd):
     """A user's adaptor for the tiny trained model: `embed --adaptor` stores f(z / |z|) of open_clip's own
     embeddings (float64 reference), `search` finds with queries through the same adaptor (the file records it; another
     adaptor is one line), `eval zeroshot --adaptor` reports what zeroshot_metrics gives on adapted features."""
@@ -140,22 +140,20 @@ def test_adaptor_through_embed_search_and_eval(trained_run, image_folder, fmnist
 
     import open_clip
 
+    from mrl_clip import cli
     from mrl_clip.eval.zeroshot import encode_classification, load_classification_folder, zeroshot_metrics
 
     export = f"local-dir:{trained_run['export']}"
     full = tmp_path / "photos.npz"
-    assert run_module("mrl_clip", "embed", "--model", export, "--images", image_folder, "--output", full).returncode == 0
+    run_verb("embed", "--model", export, "--images", image_folder, "--output", full)
     adaptor_file, other = tmp_path / "photos.adaptor.safetensors", tmp_path / "other.adaptor.safetensors"
-    made = run_module("mrl_clip", "adapt", "--embeddings", full, "--dims", "8,16,32,64,128,256", "--out",
-                      adaptor_file, "--steps", "15", "--batch-size", "32")
-    assert made.returncode == 0, made.stderr[-2000:]
+    run_verb("adapt", "--embeddings", full, "--dims", "8,16,32,64,128,256", "--out", adaptor_file, "--steps", "15",
+             "--batch-size", "32")
     adaptor = adaptors.load_adaptor(adaptor_file, 256)
     assert not torch.equal(adaptor.linear.weight, torch.eye(256))   # it trained away from plain truncation
     adaptors.save_adaptor(adaptors.MatryoshkaAdaptor(256, adaptor.dims), other)   # an adaptor, not this one
     adapted = tmp_path / "adapted.npz"
-    result = run_module("mrl_clip", "embed", "--model", export, "--images", image_folder, "--output", adapted,
-                        "--adaptor", adaptor_file)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_verb("embed", "--model", export, "--images", image_folder, "--output", adapted, "--adaptor", adaptor_file)
     with np.load(adapted) as stored:
         rows, meta = stored["embeddings"], json.loads(str(stored["meta"]))
     assert meta["adaptor"]["path"] == str(adaptor_file.resolve())
@@ -172,20 +170,19 @@ def test_adaptor_through_embed_search_and_eval(trained_run, image_folder, fmnist
         query = model.encode_text(open_clip.get_tokenizer(export)(["a photo of a sandal."])).double().numpy()
     query = query / np.linalg.norm(query, axis=1, keepdims=True) @ weight.T
     hits = tmp_path / "hits.json"
-    found = run_module("mrl_clip", "search", "--index", adapted, "--text", "a photo of a sandal.", "--dim", "16",
-                       "--k", "5", "--output", hits)
-    assert found.returncode == 0, found.stderr[-2000:]
+    run_verb("search", "--index", adapted, "--text", "a photo of a sandal.", "--dim", "16", "--k", "5", "--output",
+             hits)
     prefix = lambda x: x[:, :16] / np.linalg.norm(x[:, :16], axis=1, keepdims=True)  # noqa: E731
     scores = (prefix(query) @ prefix(rows.astype(np.float64)).T)[0]
     ids = [h["id"] for h in json.loads(hits.read_text())["queries"][0]["results"]]
     assert ids == np.argsort(-scores, kind="stable")[:5].tolist()
-    wrong = run_module("mrl_clip", "search", "--index", adapted, "--text", "a bag.", "--adaptor", other)
-    assert wrong.returncode == 2 and "is not the adaptor the index was embedded through" in wrong.stderr
+    code, stderr = one_line_exit(cli.main, ["search", "--index", adapted, "--text", "a bag.", "--adaptor", other],
+                                 capfd)
+    assert code == 2 and "is not the adaptor the index was embedded through" in stderr
 
     out = tmp_path / "zs.json"
-    evaluated = run_module("mrl_clip.eval", "zeroshot", "--model", export, "--data", fmnist_data["eval"],
-                           "--dims", "8,256", "--adaptor", adaptor_file, "--output", out)
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    run_verb("eval", "zeroshot", "--model", export, "--data", fmnist_data["eval"], "--dims", "8,256", "--adaptor",
+             adaptor_file, "--output", out)
     reported = json.loads(out.read_text())["metrics"]
     seen = adaptors.AdaptedModel(open_clip.create_model_and_transforms(export)[0], adaptor).eval()
     data = load_classification_folder(fmnist_data["eval"], open_clip.create_model_and_transforms(export)[2])

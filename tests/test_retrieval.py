@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from mrl_clip.errors import UserError, run_cli
+from mrl_clip.errors import UserError
 from mrl_clip.search.index import EmbeddingIndex, parse_funnel
 from tests import numerics
-from tests.conftest import TINY, run_module
+from tests.conftest import TINY, one_line_exit, run_module
 from tests.recall import encoded_pairs, positives_of, recall_by_rank, undecided
 
 WIDTH = 96
@@ -153,14 +153,6 @@ def test_eval_retrieval_bad_funnel_is_a_user_error(fmnist_data, funnel, message)
     with pytest.raises(UserError, match=message):
         mrl_eval.main(["retrieval", "--model", TINY, "--data", str(fmnist_data["captions"]), "--funnel",
                        *funnel.split(), "--recall-k", "1,10"])
-
-
-def one_line_exit(main, argv, capfd):
-    """(exit code, stderr) of main(argv) through run_cli in this process: what `python -m ...` runs (tests/test_cli.py
-    runs each `python -m` spelling once), without a process start per check."""
-    with pytest.raises(SystemExit) as exited:
-        run_cli(main, [str(a) for a in argv])
-    return exited.value.code, capfd.readouterr().err
 
 
 def test_eval_retrieval_bad_funnel_is_one_line(fmnist_data, capfd):
