@@ -6,8 +6,6 @@ evaluates zero-shot at every dim after each `SAVE_EVERY` steps: how many steps u
 and what happens to full-width accuracy.
 """
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from mrl_clip.checkpoint import step_checkpoints
@@ -34,13 +32,10 @@ def evaluate_steps(run_dir: Path, model: str, start: Path, data: Path, dims: lis
     """Zero-shot at every dim of the starting model and of each fine-tune checkpoint, in one
     `python -m mrl_clip.eval zeroshot` call; {label: {"dims", "metrics"}} with labels '0 steps', '25 steps', ..."""
     checkpoints = [(0, start)] + step_checkpoints(run_dir / "checkpoints")
-    cmd = [sys.executable, "-m", "mrl_clip.eval", "zeroshot", "--model", model, "--pretrained", str(start)]
-    for _, path in checkpoints[1:]:
-        cmd += ["--compare", model, "--compare-pretrained", str(path)]
+    compare = [flag for _, path in checkpoints[1:] for flag in ("--compare", model, "--compare-pretrained", path)]
     output = run_dir / "zeroshot_by_step.json"
-    cmd += ["--data", str(data), "--dims", ",".join(map(str, dims)), "--output", str(output)]
-    print("[demo] " + " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    demo_commands.command("mrl_clip.eval", "zeroshot", "--model", model, "--pretrained", start, *compare, "--data",
+                          data, "--dims", ",".join(map(str, dims)), "--output", output, quiet=True)
     by_label = json.loads(output.read_text())["models"]
     return {f"{step} steps": entry for (step, _), entry in zip(checkpoints, by_label.values())}
 
