@@ -6,22 +6,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import mrl_clip  # noqa: F401  (registers model configs)
+from mrl_clip import cli
 from mrl_clip.checkpoint import latest_checkpoint
+from mrl_clip.errors import run_cli
 from pipelines import fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = "MRL-Tiny-28"
+TINY_DIMS = [8, 16, 32, 64, 128, 256]
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # make test's two workers share the two cores: each computes on one thread, and so do the processes a test
     # starts without a --threads of their own (two threads each would oversubscribe the cores)
-    import torch
-
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-TINY = "MRL-Tiny-28"
-TINY_DIMS = [8, 16, 32, 64, 128, 256]
 
 
 def run_module(*args, timeout=600, env=None):
@@ -34,16 +35,12 @@ def run_module(*args, timeout=600, env=None):
 def run_verb(*args):
     """`python -m mrl_clip ARGS` in this process, for tests whose subject is not the process start (tests/test_cli.py
     starts each spelling once); a user mistake raises UserError."""
-    from mrl_clip import cli
-
     assert cli.main([str(a) for a in args]) in (0, None)
 
 
 def one_line_exit(main, argv, capfd):
     """(exit code, stderr) of main(argv) through run_cli in this process: what `python -m ...` runs (tests/test_cli.py
     runs each `python -m` spelling once), without a process start per check."""
-    from mrl_clip.errors import run_cli
-
     with pytest.raises(SystemExit) as exited:
         run_cli(main, [str(a) for a in argv])
     return exited.value.code, capfd.readouterr().err

@@ -121,7 +121,7 @@ def wait_for_requeued_job(job_id, deadline) -> tuple[str, str]:
     """Wait until the job, requeued once, has run again and ended; return its (JobState, ExitCode). Not
     `sbatch --wait`: that polls the job every few seconds and takes it for ended when a poll falls in the moment
     of the requeue. Slurm holds a requeued job for about two minutes before it may start again; this lifts it."""
-    ran_again = False
+    ran_again, job = False, {}
     while time.time() < deadline:
         job = job_fields(job_id)
         requeued = int(job.get("Restarts", "0")) >= 1

@@ -167,6 +167,13 @@ def image_digest(builder: Builder, sample) -> Optional[bytes]:
     return hashlib.blake2b(sample[image_key], digest_size=16).digest()
 
 
+def mapped_row(arrays: dict, path: str, i: int) -> np.ndarray:
+    """Row i of the .npy at `path`, through `arrays` (path -> its memory map, opened once)."""
+    if path not in arrays:
+        arrays[path] = np.load(path, mmap_mode="r")
+    return np.array(arrays[path][i])
+
+
 @dataclass
 class SeenImages:
     """Images a build encoded in its earlier shards: digest -> (that shard's .npy, row), up to `limit` of them.
@@ -179,11 +186,7 @@ class SeenImages:
 
     def row(self, digest: Optional[bytes]) -> Optional[np.ndarray]:
         path, i = self.where.get(digest, (None, None))
-        if path is None:
-            return None
-        if path not in self._arrays:
-            self._arrays[path] = np.load(path, mmap_mode="r")
-        return np.array(self._arrays[path][i])
+        return None if path is None else mapped_row(self._arrays, path, i)
 
     def add(self, npy_path: Path, keys: list, digests: dict, dtype: str) -> None:
         self.dtype = dtype
@@ -272,9 +275,7 @@ class FeatureLookup:
             raise BadSample(entry.bad[key])
         if entry is None or key not in entry.rows:
             raise BadSample(f"{where}: not in the feature cache (the shard changed after the cache was built?)")
-        if entry.path not in self._arrays:
-            self._arrays[entry.path] = np.load(entry.path, mmap_mode="r")
-        row = np.array(self._arrays[entry.path][entry.rows[key]])
+        row = mapped_row(self._arrays, entry.path, entry.rows[key])
         return torch.from_numpy(row).to(DTYPES[entry.dtype])
 
 
