@@ -1,4 +1,5 @@
 """Checkpoints in open_clip's format, written atomically, and `local-dir:` exports plain open_clip loads."""
+import json
 import os
 import pickle
 import re
@@ -75,13 +76,14 @@ def load_checkpoint_file(path: Path) -> dict:
     return checkpoint
 
 
-def export_local_dir(model, model_cfg: dict, folder: Path) -> Path:
+def export_local_dir(model, model_cfg: dict, folder: Path, nesting: Optional[dict] = None) -> Path:
     """open_clip_config.json + open_clip_model.safetensors: `create_model_and_transforms('local-dir:FOLDER')`
     loads it with plain open_clip (no mrl_clip import needed). open_clip's save_for_hf also saves an HF tokenizer,
     which the built-in BPE tokenizer lacks, so we call its config writer and write the weights ourselves; a
     Hugging Face text tower's tokenizer is saved too (open_clip's get_tokenizer('local-dir:FOLDER') reads it from the
     folder), while its model config resolves by hub name, so the folder holds no path of this machine. The config,
-    written last, is what makes the folder loadable."""
+    written last, is what makes the folder loadable. `nesting` (nesting_record) goes into that config beside
+    open_clip's keys, which open_clip ignores: the dims (and depths) the model was trained to nest."""
     import safetensors.torch
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
     from open_clip.push_to_hf_hub import save_config_for_hf
@@ -91,8 +93,32 @@ def export_local_dir(model, model_cfg: dict, folder: Path) -> Path:
         save_hf_tokenizer(model_cfg["text_cfg"]["hf_tokenizer_name"], folder)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(folder / HF_SAFE_WEIGHTS_NAME, lambda tmp: safetensors.torch.save_file(tensors, tmp))
-    atomic_write(folder / HF_CONFIG_NAME, lambda tmp: save_config_for_hf(model, Path(tmp), model_config=model_cfg))
+    def write_config(tmp):
+        save_config_for_hf(model, Path(tmp), model_config=model_cfg)
+        if nesting:
+            config = json.loads(Path(tmp).read_text())
+            Path(tmp).write_text(json.dumps({**config, **nesting}, indent=2))
+    atomic_write(folder / HF_CONFIG_NAME, write_config)
     return folder
+
+
+def nesting_record(dims, image_layers=None, text_layers=None) -> dict:
+    """What an export says it was trained to nest: `matryoshka_dimensions` (the key jina-clip-v2's Hugging Face
+    config uses) and, for a 2D model, `matryoshka_layers` {"image": [...], "text": [...]}."""
+    record = {"matryoshka_dimensions": list(dims)}
+    layers = {tower: list(l) for tower, l in (("image", image_layers), ("text", text_layers)) if l}
+    if layers:
+        record["matryoshka_layers"] = layers
+    return record
+
+
+def read_nesting(folder: Path) -> dict:
+    """The nesting record of a local-dir: export ({} for one written before exports recorded it, or by another
+    tool)."""
+    from open_clip.constants import HF_CONFIG_NAME
+
+    config = json.loads((Path(folder) / HF_CONFIG_NAME).read_text())
+    return {k: config[k] for k in ("matryoshka_dimensions", "matryoshka_layers") if k in config}
 
 
 def save_hf_tokenizer(name: str, folder: Path):

@@ -29,7 +29,7 @@ from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
 from .. import models
-from ..checkpoint import export_local_dir
+from ..checkpoint import export_local_dir, nesting_record
 from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
@@ -313,7 +313,9 @@ def train(run: Run) -> bool:
 def export(run: Run) -> None:
     """Rank 0, after the last save: RUN/export (local-dir:, plain open_clip loads it)."""
     model = run.engine.export_model(run.checkpoint_dir, run.step)
-    export_local_dir(model, models.training_config(run.args.model, run.args.siglip), run.run_dir / "export")
+    args = run.args
+    export_local_dir(model, models.training_config(args.model, args.siglip), run.run_dir / "export",
+                     nesting_record(args.dims, getattr(args, "image_layers", None), getattr(args, "text_layers", None)))
     print(f"done: {run.step} steps; checkpoint {run.checkpoint_dir / f'step_{run.step}.pt'}; "
           f"export local-dir:{run.run_dir / 'export'}; bad samples skipped: {run.position.bad_samples}; "
           f"non-finite steps skipped: {run.nonfinite.total}", file=sys.stderr)
