@@ -5,6 +5,9 @@ Both follow open_clip's loss contract: called as `loss(**model_out, output_dict=
 {"loss_dim{m}": weighted term}, which open_clip_train's train_one_epoch sums into its total and logs term by term;
 without output_dict, (total, {m: loss at m, detached}), what mrl_clip.train's loop logs.
 """
+import functools
+import math
+import random
 from typing import Optional, Sequence
 
 import torch
@@ -153,3 +156,88 @@ def check_width(dims: list, features) -> None:
     width = features.shape[-1]
     if dims[-1] > width:
         raise ValueError(f"dims {dims} go above the feature width {width}")
+
+
+LAYER_WEIGHTINGS = ("uniform", "log", "linear")
+
+
+def layer_weight(depth: int, weighting: str) -> float:
+    """sentence-transformers' AdaptiveLayerLoss weights of an earlier layer (its index = layers run): "uniform"
+    (2DMSE, Starbucks), "log" 1 / (1 + ln(1 + i)) (ESE), "linear" 1 / (1 + i)."""
+    if weighting == "log":
+        return 1.0 / (1.0 + math.log(1 + depth))
+    if weighting == "linear":
+        return 1.0 / (1 + depth)
+    return 1.0
+
+
+class Matryoshka2dLoss(torch.nn.Module):
+    """2D Matryoshka over a two-tower model: a Matryoshka loss (MatryoshkaClipLoss or MatryoshkaSigLipLoss, over
+    all its dims) at the full depth and at earlier exits of the layered tower(s), as 2DMSE and sentence-
+    transformers' Matryoshka2dLoss (AdaptiveLayerLoss over MatryoshkaLoss) do for one text tower:
+
+        last_layer_weight * L(full) + sum over the sampled earlier exits k of
+            prior_layers_weight * w(k) / n_sampled * L(exit k)
+            + kl_div_weight * T * KL(softmax(e_k / T) || softmax(e_full / T).detach())
+
+    The features come as [exits, B, D] stacks (normalised at full width, as the model's forward gives them); a
+    tower that is not layered has one exit, its full depth, which every exit is paired with; when both towers are
+    layered, exit k of one is paired with exit k of the other (the model truncated at both). The KL term is
+    sentence-transformers': a softmax over each full-width embedding's coordinates, "batchmean", the full depth the
+    detached teacher; averaged over the layered towers (for a text-text batch through one tower that is its mean
+    over anchors and positives, sentence-transformers' concatenation). `layers_per_step` earlier exits are drawn
+    per step (-1 or more than there are: all), seeded by (seed, step) so every rank, pass and resume draws the same.
+    """
+
+    def __init__(self, loss, depths: dict, layers_per_step: int = 1, last_layer_weight: float = 1.0,
+                 prior_layers_weight: float = 1.0, kl_div_weight: float = 1.0, kl_temperature: float = 0.3,
+                 layer_weighting: str = "uniform", seed: int = 0):
+        """`depths`: {"image": [...], "text": [...]} the exits of each layered tower (increasing, the last its
+        full depth; equally many when both are layered)."""
+        super().__init__()
+        self.loss, self.depths = loss, {t: list(d) for t, d in depths.items() if d}
+        counts = {len(d) for d in self.depths.values()}
+        if len(counts) != 1:
+            raise ValueError(f"the layered towers list different numbers of exits: {self.depths}")
+        self.exits = counts.pop()
+        if layer_weighting not in LAYER_WEIGHTINGS:
+            raise ValueError(f"layer_weighting must be one of {LAYER_WEIGHTINGS}, got {layer_weighting!r}")
+        self.layers_per_step, self.layer_weighting, self.seed = layers_per_step, layer_weighting, seed
+        self.last_layer_weight, self.prior_layers_weight = last_layer_weight, prior_layers_weight
+        self.kl_div_weight, self.kl_temperature = kl_div_weight, kl_temperature
+
+    def label(self, k: int) -> str:
+        return "-".join(f"{t}{d[k]}" for t, d in self.depths.items())
+
+    def sample(self, step: int) -> list[int]:
+        """The earlier exits (indices) step `step` trains."""
+        prior = list(range(self.exits - 1))
+        if 0 < self.layers_per_step < len(prior):
+            prior = sorted(random.Random(self.seed * 1_000_003 + step).sample(prior, self.layers_per_step))
+        return prior
+
+    def at_step(self, step: int):
+        return functools.partial(self.forward, prior=self.sample(step))
+
+    def forward(self, image_exits, text_exits, *scalars, prior=None):
+        """(total, {dim m: full-depth loss at m, "{label}_dim{m}": an earlier exit's, "{label}_kl": its KL term},
+        detached). `prior`: the earlier exits to train (default: all)."""
+        prior = list(range(self.exits - 1)) if prior is None else prior
+        exit_of = lambda x, k: x[k] if len(x) > 1 else x[-1]  # noqa: E731
+        total, per_dim = self.loss(image_exits[-1], text_exits[-1], *scalars)
+        total = self.last_layer_weight * total
+        if self.kl_temperature > 0:
+            teachers = [F.softmax(x[-1] / self.kl_temperature, dim=-1).detach()
+                        for x in (image_exits, text_exits) if len(x) > 1]
+        for k in prior:
+            weight = layer_weight(max(d[k] for d in self.depths.values()), self.layer_weighting)
+            term, exit_dims = self.loss(exit_of(image_exits, k), exit_of(text_exits, k), *scalars)
+            total = total + term * weight / len(prior) * self.prior_layers_weight
+            per_dim.update({f"{self.label(k)}_dim{m}": v for m, v in exit_dims.items()})
+            if self.kl_temperature > 0:
+                students = [x[k] for x in (image_exits, text_exits) if len(x) > 1]
+                kl = sum(F.kl_div(F.log_softmax(s / self.kl_temperature, dim=-1), t, reduction="batchmean")
+                         for s, t in zip(students, teachers)) / len(students)
+                total = total + kl * self.kl_temperature * self.kl_div_weight
+                per_dim[f"{self.label(k)}_kl"] = kl.detach()
+        return total, per_dim

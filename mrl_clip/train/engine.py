@@ -12,6 +12,7 @@ from typing import ContextManager, Optional, Protocol, runtime_checkable
 
 from ..errors import UserError
 from .finetune import lock_record
+from .layered import record as layered_record
 
 LOGIT_SCALE_MAX = math.log(100)  # open_clip's clamp: a temperature no lower than 1/100
 # what only an exact resume needs: the streams' positions, the skipped-step count, the last step validated
@@ -35,13 +36,15 @@ class RunState:
     siglip: Optional[bool] = None                   # None: not recorded (another trainer's checkpoint)
     validated_step: Optional[int] = None
     deterministic_towers: Optional[bool] = None     # --deterministic-towers (None: not recorded, i.e. off)
+    layers: dict = field(default_factory=dict)      # layered.record: the 2D flags ({}: not a 2D run)
 
     @classmethod
     def of_args(cls, args, step: int = 0, **progress) -> "RunState":
         """The state of a run of these flags at `step` (`progress`: epoch, data, nonfinite, validated_step)."""
         return cls(step=step, name=args.name, model=args.model, dims=args.dims, dim_weights=args.dim_weights,
                    world_size=args.world_size, seed=args.seed, locks=lock_record(args), siglip=args.siglip,
-                   deterministic_towers=bool(getattr(args, "deterministic_towers", False)), **progress)
+                   deterministic_towers=bool(getattr(args, "deterministic_towers", False)),
+                   layers=layered_record(args), **progress)
 
     def to_dict(self, resume: bool = True) -> dict:
         """The checkpoint's keys; without `resume`, the run's description only (an exported open_clip checkpoint)."""
@@ -67,6 +70,9 @@ class RunState:
             flag = "with" if saved.deterministic_towers else "without"
             raise UserError(f"{path} was trained {flag} --deterministic-towers: resume it {flag} it (it decides the "
                             "training transform and the locked towers' mode)")
+        if (saved.layers or {}) != self.layers:
+            raise UserError(f"{path} was trained with 2D flags {saved.layers or 'none'}, not {self.layers or 'none'}: "
+                            "resume with the same --image-layers / --text-layers and their weights")
         # a SigLIP run's model has a logit_bias, a CLIP run's has none
         if saved.siglip != self.siglip:
             raise UserError(f"{path} was trained {'with' if saved.siglip else 'without'} --siglip: resume it "

@@ -7,7 +7,8 @@ What the trunk is, per tower type (what open_clip's lock_image_tower / lock_text
   Fully locked needs --lock-image-freeze-bn-stats too: else BatchNorm uses batch statistics and updates its running
   ones, and a sample's features depend on its batch.
 - open_clip HFTextEncoder (text): `transformer` and `pooler`, locked with 0 unlocked layers and
-  --lock-text-freeze-layer-norm (without it open_clip leaves the LayerNorms trainable); `proj` trains.
+  --lock-text-freeze-layer-norm (without it open_clip leaves the LayerNorms trainable); `proj` trains. With
+  --text-layers (2D) the trunk's output is the pooled output at every listed depth, side by side.
 - open_clip VisionTransformer (image), locked with 0 unlocked groups: the whole tower, projection included.
 - open_clip's built-in text tower (CLIP's encode_text), locked with --lock-text-freeze-layer-norm and 0 unlocked
   layers: the whole tower, projection included.
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..layers import hf_pooled_exits
 
 IMAGE, TEXT = "image", "text"
 
@@ -78,6 +80,11 @@ def text_trunk(model, args) -> Optional[Trunk]:
     if isinstance(text, HFTextEncoder):
         if text.output_tokens:
             raise UserError("--feature-cache: Hugging Face text towers with output_tokens are not supported")
+
+        layers = getattr(args, "text_layers", None)
+        if layers:  # 2D: the pooled output at every exit, side by side ([B, exits x width])
+            return Trunk(TEXT, "hf-pooled-layers" + ".".join(map(str, layers)), [text.transformer, text.pooler],
+                         lambda tokens: torch.cat(hf_pooled_exits(text, tokens, layers), dim=-1))
 
         def pooled(tokens):
             mask = (tokens != text.config.pad_token_id).long()
@@ -159,6 +166,9 @@ def _replacement(model, trunk: Trunk):
     if trunk.kind == "hf-pooled":
         proj = model.text.proj
         return model.text, "forward", lambda features: proj(features)  # a function: a Module would be registered
+    if trunk.kind.startswith("hf-pooled-layers"):  # [B, exits x width] -> [exits, B, embed_dim]
+        proj, width = model.text.proj, model.text.config.hidden_size
+        return model.text, "forward", lambda features: proj(features.unflatten(-1, (-1, width))).transpose(0, 1)
     return model, "encode_text", _encode_cached_text
 
 

@@ -67,10 +67,11 @@ def train_step(engine: Engine, loss_fn, batches: list, autocast: Callable = null
                 if len(batches) > 1:
                     # the same values, and 1/K of their gradients from each of the K passes
                     scalars = [s.detach() + (s - s.detach()) / len(batches) for s in scalars]
+                    # along the batch: [B, D] features, or a 2D model's [exits, B, D] stacks
                     image_features = torch.cat([c[0] for c in cached[:j]] + [image_features.float()] +
-                                               [c[0] for c in cached[j + 1:]])
+                                               [c[0] for c in cached[j + 1:]], dim=-2)
                     text_features = torch.cat([c[1] for c in cached[:j]] + [text_features.float()] +
-                                              [c[1] for c in cached[j + 1:]])
+                                              [c[1] for c in cached[j + 1:]], dim=-2)
                 total, per_dim = loss_fn(image_features.float(), text_features.float(), *[s.float() for s in scalars])
             if j == 0:
                 values = [float(s.detach().float().reshape(-1)[0]) for s in scalars]
@@ -144,8 +145,10 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         group = [(i.to(args.device, non_blocking=True), t.to(args.device, non_blocking=True)) for i, t, _ in group]
         lr = run.schedule(run.step)
         t_step = time.perf_counter()
+        # a 2D loss draws the earlier exits it trains from the step (the same on every rank and resume)
+        loss_fn = run.loss_fn.at_step(run.step) if hasattr(run.loss_fn, "at_step") else run.loss_fn
         with run.swap():
-            result = train_step(run.engine, run.loss_fn, group, run.autocast)
+            result = train_step(run.engine, loss_fn, group, run.autocast)
         run.step += 1
         run.nonfinite.update(run.step, result.skipped)
         log_step(run, epoch, lr, result, t_data, t_step)
@@ -206,7 +209,8 @@ def log_step(run: Run, epoch: int, lr: float, result: StepResult, t_data: float,
     now = time.perf_counter()
     step_samples = run.args.batch_size * run.args.accum_freq * run.args.world_size
     record = {"step": run.step, "epoch": epoch, "lr": lr, "loss": result.loss,
-              "loss_dim": {str(m): v for m, v in result.per_dim.items()}, "logit_scale": result.logit_scale,
+              "loss_dim": {str(m): v for m, v in result.per_dim.items() if isinstance(m, int)},
+              **loss_layers(result.per_dim), "logit_scale": result.logit_scale,
               **({} if result.logit_bias is None else {"logit_bias": result.logit_bias}),
               "samples_per_s": step_samples / max(now - t_data, 1e-9), "step_s": now - t_step,
               "bad_samples": run.position.bad_samples, "samples_read": run.position.samples_read,
@@ -216,4 +220,11 @@ def log_step(run: Run, epoch: int, lr: float, result: StepResult, t_data: float,
     if run.writer is not None:
         write_train(run.writer, record)
     if run.progress is not None:
-        run.progress.set_postfix_str(" ".join(f"{m}:{v:.3f}" for m, v in result.per_dim.items()))
+        run.progress.set_postfix_str(" ".join(f"{m}:{v:.3f}" for m, v in result.per_dim.items()
+                                              if isinstance(m, int)))
+
+
+def loss_layers(per_dim: dict) -> dict:
+    """A 2D run's earlier exits' terms ({"loss_layer": {"text2_dim48": ..., "text2_kl": ...}}), {} otherwise."""
+    exits = {m: v for m, v in per_dim.items() if not isinstance(m, int)}
+    return {"loss_layer": exits} if exits else {}

@@ -34,7 +34,7 @@ from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
-from . import deepspeed_engine, feature_cache, finetune, locked_towers, tensorboard_log, validate
+from . import deepspeed_engine, feature_cache, finetune, layered, locked_towers, tensorboard_log, validate
 from .agree import RankAgreement
 from .engine import RunState
 from .guards import NonFiniteSteps
@@ -102,11 +102,13 @@ def parse_args(argv=None):
     p.add_argument("--max-nonfinite-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (default 10)")
     finetune.add_flags(p)
+    layered.add_flags(p)
     feature_cache.add_flags(p)
     validate.add_flags(p)
     tensorboard_log.add_flags(p)
     args = p.parse_args(argv)
     finetune.check_flags(args)
+    layered.check_flags(args)
     feature_cache.check_flags(args)
     validate.check_flags(args)
     tensorboard_log.check_flags(args)
@@ -156,6 +158,8 @@ def main(argv=None):
         args.model, args.pretrained, device=str(device), pretrained_image=args.pretrained_image, siglip=args.siglip)
     clamp_logit_scale(model)
     finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
+    if layered.layered_towers(args):
+        layered.check_model(model, args)
     trunks = deterministic_towers(args, model)
     if args.deterministic_towers:
         preprocess_train = preprocess_val
@@ -173,6 +177,8 @@ def main(argv=None):
     run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, resumed, features)
     if features is not None:
         run.swap = functools.partial(locked_towers.swapped, model, trunks)
+    if layered.layered_towers(args):
+        layered.install_forward(model, args, cached={t.tower for t in trunks} if features is not None else set())
     if args.val_data:
         run.val = make_validation(args, preprocess_val, run)
         validate.catch_up(run, resumed.validated_step if resumed else None)
@@ -288,11 +294,14 @@ def make_validation(args, preprocess_val, run: Run) -> validate.Validation:
 
 
 def make_loss(args):
+    """The Matryoshka CLIP or SigLIP loss; with --image-layers / --text-layers, over every exit too."""
     if args.siglip:
-        return MatryoshkaSigLipLoss(args.dims, args.dim_weights, rank=args.rank, world_size=args.world_size,
+        loss = MatryoshkaSigLipLoss(args.dims, args.dim_weights, rank=args.rank, world_size=args.world_size,
                                     dist_impl=args.loss_dist_impl)
-    return MatryoshkaClipLoss(args.dims, args.dim_weights, local_loss=args.local_loss,
-                              gather_with_grad=args.gather_with_grad, rank=args.rank, world_size=args.world_size)
+    else:
+        loss = MatryoshkaClipLoss(args.dims, args.dim_weights, local_loss=args.local_loss,
+                                  gather_with_grad=args.gather_with_grad, rank=args.rank, world_size=args.world_size)
+    return layered.make_loss(args, loss) if layered.layered_towers(args) else loss
 
 
 def train(run: Run) -> bool:

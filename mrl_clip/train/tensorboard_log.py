@@ -48,6 +48,8 @@ def write_train(writer, record: dict) -> None:
     writer.add_scalar("train/loss", record["loss"], step)
     for m, value in record["loss_dim"].items():
         writer.add_scalar(f"train/loss_dim{m}", value, step)
+    for name, value in record.get("loss_layer", {}).items():  # a 2D run's earlier exits
+        writer.add_scalar(f"train/loss_{name}", value, step)
     writer.add_scalar("train/lr", record["lr"], step)
     writer.add_scalar("train/scale", record["logit_scale"], step)
     writer.add_scalar("train/samples_per_second", record["samples_per_s"], step)
