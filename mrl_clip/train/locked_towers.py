@@ -168,7 +168,8 @@ def _replacement(model, trunk: Trunk):
         return model.text, "forward", lambda features: proj(features)  # a function: a Module would be registered
     if trunk.kind.startswith("hf-pooled-layers"):  # [B, exits x width] -> [exits, B, embed_dim]
         proj, width = model.text.proj, model.text.config.hidden_size
-        return model.text, "forward", lambda features: proj(features.unflatten(-1, (-1, width))).transpose(0, 1)
+        # one exit at a time, as the uncached forward projects them (the same kernels: the same bits)
+        return model.text, "forward", lambda features: torch.stack([proj(f) for f in features.split(width, dim=-1)])
     return model, "encode_text", _encode_cached_text
 
 
