@@ -106,7 +106,7 @@ def nesting_record(dims, image_layers=None, text_layers=None) -> dict:
     """What an export says it was trained to nest: `matryoshka_dimensions` (the key jina-clip-v2's Hugging Face
     config uses) and, for a 2D model, `matryoshka_layers` {"image": [...], "text": [...]}."""
     record = {"matryoshka_dimensions": list(dims)}
-    layers = {tower: list(l) for tower, l in (("image", image_layers), ("text", text_layers)) if l}
+    layers = {tower: list(depths) for tower, depths in (("image", image_layers), ("text", text_layers)) if depths}
     if layers:
         record["matryoshka_layers"] = layers
     return record

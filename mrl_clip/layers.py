@@ -73,7 +73,7 @@ def check_layers(layers: Sequence[int], depth: int, flag: str, must_end_at_depth
     layers = list(layers)
     if not layers:
         raise UserError(f"{flag} is empty")
-    if any(not isinstance(l, int) or l <= 0 for l in layers):
+    if any(not isinstance(depth, int) or depth <= 0 for depth in layers):
         raise UserError(f"{flag} must be positive integers (layers run), got {layers}")
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise UserError(f"{flag} must be strictly increasing, got {layers}")
@@ -106,8 +106,8 @@ def _project(pooled, projection):
 
 def _vit_exits(visual, images, layers):
     out = []
-    for l, x in _blocks(visual.transformer, visual._embeds(images), layers[-1]):
-        if l in layers:
+    for depth, x in _blocks(visual.transformer, visual._embeds(images), layers[-1]):
+        if depth in layers:
             pooled, _ = visual._pool(x)
             out.append(_project(pooled, visual.proj))
     return out
@@ -119,8 +119,8 @@ def _clip_text_exits(model, text, layers):
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding.to(cast_dtype)
     out = []
-    for l, h in _blocks(model.transformer, x, layers[-1], attn_mask=model.attn_mask):
-        if l in layers:
+    for depth, h in _blocks(model.transformer, x, layers[-1], attn_mask=model.attn_mask):
+        if depth in layers:
             h = model.ln_final(h)
             pooled = text_global_pool(h, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
             out.append(_project(pooled, model.text_projection))
@@ -132,8 +132,8 @@ def _text_transformer_exits(tower, text, layers):
 
     x, attn_mask = tower._embeds(text)
     out = []
-    for l, h in _blocks(tower.transformer, x, layers[-1], attn_mask=attn_mask):
-        if l not in layers:
+    for depth, h in _blocks(tower.transformer, x, layers[-1], attn_mask=attn_mask):
+        if depth not in layers:
             continue
         if tower.cls_emb is not None:  # CoCa's appended class token: last token, norm after pooling
             pooled = tower.ln_final(text_global_pool(h, pool_type="last"))
@@ -154,11 +154,11 @@ def hf_pooled_exits(tower, text, layers) -> list:
     hidden = tower.transformer(input_ids=text, attention_mask=mask, output_hidden_states=True).hidden_states
     own_pooler = getattr(tower.transformer, "pooler", None)
     out = []
-    for l in layers:
+    for depth in layers:
         if isinstance(tower.pooler, ClsPooler) and tower.pooler.use_pooler_output and own_pooler is not None:
-            out.append(own_pooler(hidden[l]))
+            out.append(own_pooler(hidden[depth]))
         else:
-            out.append(tower.pooler(BaseModelOutput(last_hidden_state=hidden[l]), mask))
+            out.append(tower.pooler(BaseModelOutput(last_hidden_state=hidden[depth]), mask))
     return out
 
 

@@ -198,7 +198,7 @@ def st_exits(st, texts, layers):
         out = st[0].auto_model(**{k: v for k, v in features.items() if k in ("input_ids", "attention_mask")},
                                output_hidden_states=True)
     mask = features["attention_mask"].unsqueeze(-1).float()
-    return [F.normalize((out.hidden_states[l] * mask).sum(1) / mask.sum(1), dim=-1) for l in layers]
+    return [F.normalize((out.hidden_states[depth] * mask).sum(1) / mask.sum(1), dim=-1) for depth in layers]
 
 
 def test_gradients_of_an_exit_reach_its_layers_and_the_head_only(lite0_configs):
