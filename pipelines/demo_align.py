@@ -9,7 +9,7 @@ from pathlib import Path
 from mrl_clip import towers
 from mrl_clip.eval.report import format_side_by_side, plot_metrics
 from mrl_clip.files import write_json
-from pipelines import demo_adapt, demo_commands, demo_neighbours, fashion_mnist, openmoji
+from pipelines import demo_2d, demo_adapt, demo_commands, demo_neighbours, fashion_mnist, openmoji
 from pipelines.demo_commands import by_run, evaluate
 
 MODEL, DIMS = towers.ALIGN_LITE, towers.ALIGN_LITE_DIMS
@@ -41,13 +41,13 @@ def build_data(data_dir: Path, source: Path) -> dict:
     return {"train": moji["train"], "heldout": moji["heldout"], "fashion": fashion}
 
 
-def train(out: Path, name: str, dims: list, shards: str, args) -> Path:
+def train(out: Path, name: str, dims: list, shards: str, args, *extra) -> Path:
     steps = args.align_steps
     return demo_commands.train(out, name, steps, [
         "--model", MODEL, *TOWER_FLAGS, "--feature-cache", out / "feature_cache", "--train-data", shards, "--dims", ",".join(map(str, dims)),
         "--batch-size", args.align_batch_size, "--train-num-samples", steps * args.align_batch_size, "--epochs", 1,
         "--lr", args.align_lr, "--warmup", max(1, steps // 10), "--wd", 0.1, "--workers", 1,
-        "--threads", args.threads, "--seed", args.seed, "--save-every-n-steps", max(50, steps // 4), "--log-every-n-steps", 10])
+        "--threads", args.threads, "--seed", args.seed, "--save-every-n-steps", max(50, steps // 4), "--log-every-n-steps", 10, *extra])
 
 
 def summarise(retrieval: dict) -> str:
@@ -83,6 +83,8 @@ def run(out: Path, source: Path, args) -> dict:
     print(format_side_by_side(zeroshot, "acc1"))
     print(summarise(retrieval))
     results["adaptor"] = adaptor(runs, data, retrieval, out)
+    print("\n[demo] act 2: 2D Matryoshka, MiniLM's layers nested too", flush=True)
+    results["two_d"] = demo_2d.run(runs, data, out, DIMS, lambda *a: train(*a[:4], args, *a[4:]))
     return results
 
 
