@@ -12,6 +12,8 @@ Metric names follow CLIP_benchmark's style: knn{k}_acc1.
         --k 1,20 --output knn.json --plot knn.png
 
 Features come through linear-probe's feature cache (the same full-width encodings of --train-split and --split).
+`--image-layers L,...` adds the (layer, dim) grid of a transformer image tower (mrl_clip.eval.depths): database and
+queries both read at the same depth, a row per depth.
 """
 import faiss
 import numpy as np
@@ -20,7 +22,8 @@ from ..dims import parse_int_list
 from ..errors import UserError
 from ..prefix import normalized_prefix
 from .probe import add_feature_flags, load_with_features
-from .report import dims_for, write_report
+from .depths import add_layer_flags, at_exit, grid_entry, grid_for, grid_metrics, requested_layers
+from .report import by_dim, dims_for, write_report
 
 DEFAULT_KS = (1, 20)
 
@@ -81,17 +84,26 @@ def add_flags(sub):
     add_feature_flags(sub)
     sub.add_argument("--k", default=",".join(map(str, DEFAULT_KS)),
                      help="neighbour counts (1: the nearest label; more: votes weighted by cosine similarity)")
+    add_layer_flags(sub, towers=("image",))
 
 
 def run_task(args, entries, requested) -> int:
     """`eval knn`: each model's k-NN top-1 at each dim, --train-split as the database, --split as the queries."""
     ks = positive_ks(parse_int_list(args.k, "--k"))
+    layers = requested_layers(args)
     results = {}
     for label, name, ckpt in entries:
         dims = dims_for(name, requested)
-        _, _, _, features = load_with_features(args, name, ckpt, [args.train_split, args.split])
+        model, _, _, features = load_with_features(args, name, ckpt, [args.train_split, args.split], layers)
+        grid = grid_for(model, layers)
         (train_x, train_y), (test_x, test_y) = features[args.train_split], features[args.split]
-        metrics = knn_metrics(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(), dims, ks)
-        results[label] = {"dims": dims, "metrics": {str(m): v for m, v in metrics.items()}}
+
+        def metrics_at(i, _t, train_x=train_x, test_x=test_x):
+            return knn_metrics(at_exit(train_x, grid, "image", i).numpy(), train_y.numpy(),
+                               at_exit(test_x, grid, "image", i).numpy(), test_y.numpy(), dims, ks)
+
+        results[label] = {"dims": dims, "metrics": by_dim(metrics_at(-1, None))}
+        if grid:
+            results[label].update(grid_entry(grid, grid_metrics(grid, metrics_at), towers=("image",)))
     write_report(args, results, metric_names(ks))
     return 0

@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..files import atomic_torch_save
 from ..adaptor import adaptor_identity
 from ..heads import MRLHeads, save_heads
+from .depths import grid_for
 from .report import by_dim, dims_for, write_report
 from .zeroshot import encode_images, load_classification_folder, top1_top5
 
@@ -217,20 +218,24 @@ def cached_features(cache_dir, key: dict, compute: Callable):
     return features, labels
 
 
-def load_with_features(args, name, pretrained, splits):
+def load_with_features(args, name, pretrained, splits, layers=None):
     """The model, its preprocess and tokenizer, and {split: (full-width image features, labels)} through the
-    feature cache (key: model, checkpoint identity, data folder, split; never the dims)."""
+    feature cache (key: model, checkpoint identity, data folder, split; never the dims). `layers` {tower: depths}
+    (mrl_clip.eval.depths) gives image features [exits, N, width] at each depth of its grid instead."""
     model, _, preprocess, tokenizer = models.create(name, pretrained, device=args.device, adaptor=args.adaptor)
     model.eval()
+    grid = grid_for(model, layers or {})
+    image_layers = grid and grid.depths("image")
     cache = args.cache_dir or str(Path(args.data) / ".mrl_clip_cache")
     features = {}
     for split in splits:
         key = {"model": name, "checkpoint": checkpoint_identity(pretrained or name),
                "dataset": str(Path(args.data).resolve()), "split": split,
-               **({"adaptor": adaptor_identity(args.adaptor)} if args.adaptor else {})}
+               **({"adaptor": adaptor_identity(args.adaptor)} if args.adaptor else {}),
+               **({"image_layers": image_layers} if image_layers else {})}
         features[split] = cached_features(cache, key, lambda: encode_images(
             model, load_classification_folder(args.data, preprocess, split, need_prompts=False).dataset,
-            args.device, args.batch_size, args.workers, desc=f"{split} images"))
+            args.device, args.batch_size, args.workers, desc=f"{split} images", layers=image_layers))
     return model, preprocess, tokenizer, features
 
 

@@ -151,14 +151,69 @@ def plot_precisions(models: dict, metrics: list, path, title: str = "") -> None:
     save_panels(fig, axes, len(metrics), path, title)
 
 
+def row_label(row: dict) -> str:
+    """A grid row's depths: "text 4", or "image 2, text 4" when both towers are layered."""
+    return ", ".join(f"{key[:-len('_layers')]} {value}" for key, value in row.items() if key.endswith("_layers"))
+
+
+def grid_values(entry: dict, metric: str) -> list:
+    """[rows][dims] of one metric (in %) over an entry's (layer, dim) grid."""
+    return [[100 * row["metrics"][str(d)][metric] for d in entry["dims"]] for row in entry["grid"]]
+
+
+def format_grid_tables(models: dict, metric_names: list) -> str:
+    """A table per model and metric of a layered evaluation: depths as rows, dims as columns (in %)."""
+    blocks = []
+    for label, entry in models.items():
+        if "grid" not in entry:
+            continue
+        for metric in metric_names:
+            rows = [[row_label(row)] + [f"{v:.2f}" for v in values]
+                    for row, values in zip(entry["grid"], grid_values(entry, metric))]
+            title = f"== {label}, {metric}" if len(models) > 1 else f"== {metric}"
+            blocks.append(f"{title}\n" + render_table(["layers \\ dim"] + [str(d) for d in entry["dims"]], rows))
+    return "\n\n".join(blocks)
+
+
+def layers_plot_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}_layers{path.suffix or '.png'}")
+
+
+def plot_grid(models: dict, metrics: list, path, title: str = "") -> None:
+    """A heatmap per model and metric of a layered evaluation: depths as rows, dims as columns, each cell
+    annotated with its value (in %)."""
+    panels = [(label, entry, metric) for label, entry in models.items() if "grid" in entry for metric in metrics]
+    fig, axes = metric_panels(len(panels))
+    for ax, (label, entry, metric) in zip(axes.flat, panels):
+        values = grid_values(entry, metric)
+        image = ax.imshow(values, aspect="auto", cmap="viridis")
+        for r, row in enumerate(values):
+            for c, value in enumerate(row):
+                light = image.norm(value) > 0.6  # viridis runs dark to light: dark text on the light cells
+                ax.text(c, r, f"{value:.1f}", ha="center", va="center", fontsize=7,
+                        color="black" if light else "white")
+        ax.set_xticks(range(len(entry["dims"])), [str(d) for d in entry["dims"]])
+        ax.set_yticks(range(len(entry["grid"])), [row_label(row) for row in entry["grid"]])
+        ax.set_xlabel("embedding dim m (prefix z[:m])")
+        ax.set_ylabel("layers run")
+        ax.set_title(metric if len(models) == 1 else f"{label}: {metric}", fontsize=9)
+        fig.colorbar(image, ax=ax, label="%")
+    save_panels(fig, axes, len(panels), path, title)
+
+
 def write_report(args, results: dict, metric_names: list, extra_tables=(), first_model=None) -> None:
     """Print the table (one per stored precision too, then `extra_tables`), write the --output JSON {"task", "data",
     "split", "models": results} and the --plot PNGs. `first_model` (name, pretrained) of a one-model zero-shot or
-    retrieval run adds the top-level fields of earlier versions to the JSON, so their readers keep working."""
+    retrieval run adds the top-level fields of earlier versions to the JSON, so their readers keep working. A
+    layered evaluation (results with "grid") adds a table per metric and a heatmap, PLOT_layers.png."""
     quantized = any("quantized" in result for result in results.values())
+    layered = any("grid" in result for result in results.values())
     print(format_table(results, metric_names))
     if quantized:
         print("\n" + format_quantized_tables(results, metric_names))
+    if layered:
+        print("\n" + format_grid_tables(results, metric_names))
     for table in extra_tables:
         print("\n" + table)
     if args.output:
@@ -175,3 +230,6 @@ def write_report(args, results: dict, metric_names: list, extra_tables=(), first
         if quantized:
             plot_precisions(results, metric_names, precision_plot_path(args.plot),
                             title=f"{args.task}: metric vs bytes per vector, one line per precision")
+        if layered:
+            plot_grid(results, metric_names, layers_plot_path(args.plot),
+                      title=f"{args.task}: metric at each (layers, dim)")

@@ -18,6 +18,16 @@ from tqdm import tqdm
 from .. import models, quantize
 from ..errors import UserError
 from ..prefix import normalized_prefix, normalized_prefix_tensor
+from .depths import (
+    add_layer_flags,
+    at_exit,
+    encode_batch,
+    full_depth,
+    grid_entry,
+    grid_for,
+    grid_metrics,
+    requested_layers,
+)
 from .report import by_dim, dims_for, write_report
 
 METRICS = ["acc1", "acc5", "mean_per_class_recall"]
@@ -52,26 +62,28 @@ def load_classification_folder(folder: str, transform, split: str = "test", need
 
 
 @torch.no_grad()
-def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, desc="images"):
-    """Full-width, unnormalised image features and labels."""
+def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, desc="images", layers=None):
+    """Full-width, unnormalised image features [N, width] and labels; with `layers`, features [exits, N, width]
+    at each depth (mrl_clip.eval.depths)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     features, labels = [], []
     for images, target in tqdm(loader, desc=f"encoding {desc}", unit="batch", leave=False):
-        features.append(model.encode_image(images.to(device)).float().cpu())
+        features.append(encode_batch(model, "image", images.to(device), layers))
         labels.append(torch.as_tensor(target))
     if not features:
         raise UserError("the evaluation data holds no samples")
-    return torch.cat(features), torch.cat(labels)
+    return torch.cat(features, dim=-2), torch.cat(labels)
 
 
 @torch.no_grad()
-def encode_class_prompts(model, tokenizer, classnames, templates, device="cpu"):
-    """[classes, templates, width] unnormalised text features of every prompt."""
+def encode_class_prompts(model, tokenizer, classnames, templates, device="cpu", layers=None):
+    """[classes, templates, width] unnormalised text features of every prompt; with `layers`, [exits, classes,
+    templates, width]."""
     out = []
     for name in tqdm(classnames, desc="encoding class prompts", leave=False):
         tokens = tokenizer([t.format(c=name) for t in templates]).to(device)
-        out.append(model.encode_text(tokens).float().cpu())
-    return torch.stack(out)
+        out.append(encode_batch(model, "text", tokens, layers))
+    return torch.stack(out, dim=-3)
 
 
 def classifier_at(prompt_features, dim):
@@ -120,12 +132,15 @@ def quantized_zeroshot_metrics(image_features, labels, prompt_features, dims, pr
 
 
 def encode_classification(model, tokenizer, data: ClassificationSet, dims, device="cpu", batch_size=256,
-                          workers=0) -> tuple:
-    """Full-width image features, labels and prompt features, once for every dim."""
+                          workers=0, grid=None) -> tuple:
+    """Full-width image features, labels and prompt features, once for every dim (and with a depths.Grid, at
+    each of its depths: [exits, ...] for a layered tower)."""
     model.eval()
-    image_features, labels = encode_images(model, data.dataset, device, batch_size, workers)
-    prompt_features = encode_class_prompts(model, tokenizer, data.classnames, data.templates, device)
-    width = image_features.shape[1]
+    image_features, labels = encode_images(model, data.dataset, device, batch_size, workers,
+                                           layers=grid and grid.depths("image"))
+    prompt_features = encode_class_prompts(model, tokenizer, data.classnames, data.templates, device,
+                                           layers=grid and grid.depths("text"))
+    width = image_features.shape[-1]
     if max(dims) > width:
         raise UserError(f"--dims {list(dims)} go above the model's embedding width {width}")
     return image_features, labels, prompt_features
@@ -136,16 +151,24 @@ def evaluate_zeroshot(model, tokenizer, data: ClassificationSet, dims, device="c
 
 
 def run_zeroshot(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256, workers=0,
-                 precisions=(), adaptor=None):
+                 precisions=(), adaptor=None, layers=None):
     """{"dims": [...], "metrics": {"<dim>": {...}}} for one model, and with precisions other than float32
-    "quantized": {precision: {"<dim>": {...metrics, "bytes_per_vector"}}}."""
+    "quantized": {precision: {"<dim>": {...metrics, "bytes_per_vector"}}} (at full depth). `layers` {tower:
+    depths or None} adds the (layer, dim) grid: "layers" and "grid" (mrl_clip.eval.depths)."""
     dims = dims_for(model_name, dims)
     model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device, adaptor=adaptor)
+    grid = grid_for(model, layers or {})
     dataset = load_classification_folder(data, preprocess, split)
-    features = encode_classification(model, tokenizer, dataset, dims, device, batch_size, workers)
+    images, labels, prompts = encode_classification(model, tokenizer, dataset, dims, device, batch_size, workers,
+                                                    grid)
+    features = (full_depth(images, grid, "image"), labels, full_depth(prompts, grid, "text"))
     result = {"dims": dims, "metrics": by_dim(zeroshot_metrics(*features, dims))}
     if precisions:
         result["quantized"] = {p: by_dim(quantized_zeroshot_metrics(*features, dims, p)) for p in precisions}
+    if grid:
+        rows = grid_metrics(grid, lambda i, t: zeroshot_metrics(
+            at_exit(images, grid, "image", i), labels, at_exit(prompts, grid, "text", t), dims))
+        result.update(grid_entry(grid, rows))
     return result
 
 
@@ -162,12 +185,15 @@ def stored_precisions(args) -> list:
 
 def add_flags(sub):
     add_precision_flag(sub)
+    add_layer_flags(sub)
 
 
 def run_task(args, entries, requested) -> int:
-    """`eval zeroshot`: each model's metrics at each dim (and at each stored precision), reported together."""
+    """`eval zeroshot`: each model's metrics at each dim (and at each stored precision, each depth), reported
+    together."""
     precisions = stored_precisions(args)
+    layers = requested_layers(args)
     results = {label: run_zeroshot(name, ckpt, args.data, requested, args.split, args.device, args.batch_size,
-                                   args.workers, precisions, args.adaptor) for label, name, ckpt in entries}
+                                   args.workers, precisions, args.adaptor, layers) for label, name, ckpt in entries}
     write_report(args, results, METRICS, first_model=entries[0][1:] if len(entries) == 1 else None)
     return 0

@@ -18,6 +18,16 @@ from ..errors import UserError
 from ..prefix import normalized_prefix, normalized_prefix_tensor
 from ..search.index import format_funnel, parse_funnel
 from ..search.store import parse_stage1
+from .depths import (
+    add_layer_flags,
+    at_exit,
+    encode_batch,
+    full_depth,
+    grid_entry,
+    grid_for,
+    grid_metrics,
+    requested_layers,
+)
 from .report import by_dim, dims_for, render_table, write_report
 from .zeroshot import add_precision_flag, check_wds_folder, stored_precisions
 
@@ -39,20 +49,21 @@ def load_retrieval_folder(folder: str, transform, split: str = "test"):
 
 
 @torch.no_grad()
-def encode_pairs(model, tokenizer, dataset, device="cpu", batch_size=256):
-    """Full-width unnormalised image and text features, and for each text the index of its image."""
+def encode_pairs(model, tokenizer, dataset, device="cpu", batch_size=256, grid=None):
+    """Full-width unnormalised image and text features, and for each text the index of its image (with a
+    depths.Grid, a layered tower's features at each of its depths: [exits, N, width])."""
     images, texts, text_image_index = [], [], []
     loader = DataLoader(dataset.batched(batch_size), batch_size=None, shuffle=False, num_workers=0)
     start = 0
     for batch_images, batch_captions in tqdm(loader, desc="encoding images and captions", leave=False):
         captions = [c for per_image in batch_captions for c in per_image]
         text_image_index += [start + i for i, per_image in enumerate(batch_captions) for _ in per_image]
-        images.append(model.encode_image(batch_images.to(device)).float().cpu())
-        texts.append(model.encode_text(tokenizer(captions).to(device)).float().cpu())
+        images.append(encode_batch(model, "image", batch_images.to(device), grid and grid.depths("image")))
+        texts.append(encode_batch(model, "text", tokenizer(captions).to(device), grid and grid.depths("text")))
         start += len(batch_images)
     if not images:
         raise UserError("the evaluation data holds no samples")
-    return torch.cat(images), torch.cat(texts), torch.tensor(text_image_index)
+    return torch.cat(images, dim=-2), torch.cat(texts, dim=-2), torch.tensor(text_image_index)
 
 
 def positives_of(text_image_index, n_images) -> torch.Tensor:
@@ -155,9 +166,10 @@ def funnel_retrieval_metrics(image_features, text_features, text_image_index, st
 
 
 def run_retrieval(model_name, pretrained, data, dims=None, split="test", device="cpu", batch_size=256,
-                  recall_k=(1, 5, 10), funnel=None, precisions=(), stage1=None, adaptor=None):
+                  recall_k=(1, 5, 10), funnel=None, precisions=(), stage1=None, adaptor=None, layers=None):
     """{"dims", "metrics"}; with a funnel spec, "funnel": the same recall@K through funnel search and exact
-    full-width search, with ms per query of each; with precisions other than float32, "quantized" as zero-shot's."""
+    full-width search, with ms per query of each; with precisions other than float32, "quantized" as zero-shot's
+    (both at full depth); with `layers` {tower: depths or None}, the (layer, dim) grid: "layers" and "grid"."""
     dims = dims_for(model_name, dims)
     stages = parse_funnel(funnel, models.embed_width(model_name), max(recall_k)) if funnel else None
     spec = parse_stage1(stage1, models.embed_width(model_name)) if stage1 else None
@@ -167,8 +179,10 @@ def run_retrieval(model_name, pretrained, data, dims=None, split="test", device=
         raise UserError(f"--stage1 {stage1} is not the funnel's first stage ({format_funnel(stages[:1])})")
     model, _, preprocess, tokenizer = models.create(model_name, pretrained, device=device, adaptor=adaptor)
     model.eval()
-    images, texts, index = encode_pairs(model, tokenizer, load_retrieval_folder(data, preprocess, split), device,
-                                        batch_size)
+    grid = grid_for(model, layers or {})
+    image_exits, text_exits, index = encode_pairs(model, tokenizer, load_retrieval_folder(data, preprocess, split),
+                                                  device, batch_size, grid)
+    images, texts = full_depth(image_exits, grid, "image"), full_depth(text_exits, grid, "text")
     metrics = retrieval_metrics(images, texts, index, dims, recall_k)
     result = {"dims": dims, "metrics": by_dim(metrics)}
     if precisions:
@@ -177,6 +191,10 @@ def run_retrieval(model_name, pretrained, data, dims=None, split="test", device=
     if stages:
         result["funnel"] = {"stages": format_funnel(stages), "stage1": spec.label() if spec else "flat",
                             **funnel_retrieval_metrics(images, texts, index, stages, recall_k, spec)}
+    if grid:
+        rows = grid_metrics(grid, lambda i, t: retrieval_metrics(
+            at_exit(image_exits, grid, "image", i), at_exit(text_exits, grid, "text", t), index, dims, recall_k))
+        result.update(grid_entry(grid, rows))
     return result
 
 
@@ -202,6 +220,7 @@ def add_flags(sub):
                      help="search the funnel's stage 1 through an index structure built as `mrl_clip index build` "
                           "builds it (e.g. hnsw32@32, hnsw32-binary@256; its dim and precision must be the funnel's "
                           "first stage's; HNSW efSearch = the stage's K)")
+    add_layer_flags(sub)
 
 
 def run_task(args, entries, requested) -> int:
@@ -211,8 +230,9 @@ def run_task(args, entries, requested) -> int:
     recall_k = parse_int_list(args.recall_k, "--recall-k")
     if not recall_k or min(recall_k) < 1:
         raise UserError("--recall-k must be positive integers")
+    layers = requested_layers(args)
     results = {label: run_retrieval(name, ckpt, args.data, requested, args.split, args.device, args.batch_size,
-                                    recall_k, args.funnel, precisions, args.stage1, args.adaptor)
+                                    recall_k, args.funnel, precisions, args.stage1, args.adaptor, layers)
                for label, name, ckpt in entries}
     metric_names = [f"{side}_retrieval_recall@{k}" for k in recall_k for side in ("image", "text")]
     funnels = [format_funnel_table(label, result["funnel"], metric_names) for label, result in results.items()
