@@ -57,16 +57,16 @@ def encode_seconds(export: str, captions: list, rounds: int = 3) -> dict:
 
 
 def captions_of(heldout: Path) -> list:
-    from clip_benchmark.datasets.builder import build_wds_dataset
+    from mrl_clip.eval.zeroshot_retrieval import load_retrieval_folder
 
-    dataset = build_wds_dataset("heldout", transform=None, split="test", data_dir=str(heldout / "test"))
-    return [c for _, per_image in dataset for c in per_image]
+    return [c for _, per_image in load_retrieval_folder(str(heldout), lambda image: 0) for c in per_image]
 
 
 PLAIN_OPEN_CLIP = """
 import json, sys, open_clip, torch
 assert "mrl_clip" not in sys.modules
 model, _, _ = open_clip.create_model_and_transforms("local-dir:" + sys.argv[1])
+model.eval()
 tokens = open_clip.get_tokenizer("local-dir:" + sys.argv[1])(json.loads(sys.argv[2]))
 with torch.no_grad():
     print(json.dumps(model.encode_text(tokens, normalize=True).tolist()))
