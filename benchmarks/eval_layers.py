@@ -19,8 +19,8 @@ import statistics
 import time
 
 import torch
-from tqdm import tqdm
 from common import machine, median_ratio, write_result
+from tqdm import tqdm
 
 from mrl_clip.eval.depths import encode_batch
 from mrl_clip.eval.report import render_table

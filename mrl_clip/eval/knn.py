@@ -15,14 +15,16 @@ Features come through linear-probe's feature cache (the same full-width encoding
 `--image-layers L,...` adds the (layer, dim) grid of a transformer image tower (mrl_clip.eval.depths): database and
 queries both read at the same depth, a row per depth.
 """
+from functools import partial
+
 import faiss
 import numpy as np
 
 from ..dims import parse_int_list
 from ..errors import UserError
 from ..prefix import normalized_prefix
-from .probe import add_feature_flags, load_with_features
 from .depths import add_layer_flags, at_exit, grid_entry, grid_for, grid_metrics, requested_layers
+from .probe import add_feature_flags, load_with_features
 from .report import by_dim, dims_for, write_report
 
 DEFAULT_KS = (1, 20)
@@ -87,6 +89,12 @@ def add_flags(sub):
     add_layer_flags(sub, towers=("image",))
 
 
+def knn_at_exit(grid, train_x, train_y, test_x, test_y, dims, ks, i, _text_index=None) -> dict:
+    """knn_metrics with both sides read at image exit i of the grid (the features themselves without one)."""
+    return knn_metrics(at_exit(train_x, grid, "image", i).numpy(), train_y.numpy(),
+                       at_exit(test_x, grid, "image", i).numpy(), test_y.numpy(), dims, ks)
+
+
 def run_task(args, entries, requested) -> int:
     """`eval knn`: each model's k-NN top-1 at each dim, --train-split as the database, --split as the queries."""
     ks = positive_ks(parse_int_list(args.k, "--k"))
@@ -97,11 +105,7 @@ def run_task(args, entries, requested) -> int:
         model, _, _, features = load_with_features(args, name, ckpt, [args.train_split, args.split], layers)
         grid = grid_for(model, layers)
         (train_x, train_y), (test_x, test_y) = features[args.train_split], features[args.split]
-
-        def metrics_at(i, _t, train_x=train_x, test_x=test_x):
-            return knn_metrics(at_exit(train_x, grid, "image", i).numpy(), train_y.numpy(),
-                               at_exit(test_x, grid, "image", i).numpy(), test_y.numpy(), dims, ks)
-
+        metrics_at = partial(knn_at_exit, grid, train_x, train_y, test_x, test_y, dims, ks)
         results[label] = {"dims": dims, "metrics": by_dim(metrics_at(-1, None))}
         if grid:
             results[label].update(grid_entry(grid, grid_metrics(grid, metrics_at), towers=("image",)))
