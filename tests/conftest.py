@@ -132,8 +132,8 @@ def towers_here(towers_cache, monkeypatch):
 
 # The longest test files, longest first (measured on the 2-core machine): `make test` hands whole files to its two
 # workers in collection order (--no-loadscope-reorder), so these start first and the short ones fill in after.
-LONGEST_FIRST = ["test_slurm", "test_eval", "test_deepspeed", "test_train", "test_finetune", "test_towers", "test_layered",
-                 "test_resume", "test_validate", "test_reliability",
+LONGEST_FIRST = ["test_slurm", "test_eval", "test_deepspeed", "test_train", "test_finetune", "test_towers",
+                 "test_layered", "test_resume", "test_validate", "test_reliability",
                  "test_deepspeed_step", "test_retrieval"]
 
 
