@@ -36,7 +36,7 @@ def test_a_plain_engine_is_an_engine():
 # the keys mrl_clip.train has written beside open_clip's ("epoch", "name", "state_dict", "optimizer") since
 # exact resumes came in: checkpoints written before this module existed must still resume
 CHECKPOINT_KEYS = ["step", "epoch", "name", "model", "dims", "dim_weights", "world_size", "seed", "data",
-                   "nonfinite", "locks", "siglip", "validated_step", "deterministic_towers"]
+                   "nonfinite", "locks", "siglip", "validated_step", "deterministic_towers", "layers"]
 
 
 def a_record():
@@ -44,7 +44,7 @@ def a_record():
             "world_size": 1, "seed": 3, "data": [{"epoch": 1, "batches": 2, "read_before": 64, "bad_before": 0,
                                                  "workers": 1, "consumed": {0: 64}, "bad": {0: 0}}],
             "nonfinite": {"in_row": 0, "total": 1, "first_in_row": None}, "locks": "", "siglip": False, "validated_step": 10,
-            "deterministic_towers": False}
+            "deterministic_towers": False, "layers": {}}
 
 
 def test_run_state_reads_and_writes_the_checkpoint_record():
@@ -63,6 +63,7 @@ def test_a_resume_must_agree_on_dims_locks_and_loss():
     run = RunState.from_dict(a_record())
     run.check_resumes("ckpt", RunState.from_dict(a_record()))
     for change, message in [({"dims": [16, 256]}, "--dims"), ({"locks": "image"}, "lock flags"),
-                            ({"siglip": True}, "--siglip")]:
+                            ({"siglip": True}, "--siglip"),
+                            ({"layers": {"text_layers": [1, 2], "image_layers": None}}, "2D flags")]:
         with pytest.raises(UserError, match=message):
             run.check_resumes("ckpt", RunState.from_dict({**a_record(), **change}))
