@@ -35,11 +35,9 @@ def smallest_kept(cells: dict, full: float, depth: int = None) -> tuple:
     return min(kept)
 
 
-def encode_seconds(export: str, captions: list, rounds: int = 3) -> dict:
+def encode_seconds(model, tokenizer, captions: list, rounds: int = 3) -> dict:
     """{depth: seconds to encode `captions`} with the text tower cut to its first `depth` layers (a copy whose
     encoder keeps those layers: what a shallower tower costs), the best of `rounds`."""
-    model, _, _, tokenizer = models.create(export)
-    model.eval()
     tokens = tokenizer(captions)
     seconds = {}
     for depth in DEPTHS:
@@ -73,7 +71,7 @@ with torch.no_grad():
 """
 
 
-def check_in_plain_open_clip(folder: Path, full_export: str, depth: int, dim: int, captions: list) -> float:
+def check_in_plain_open_clip(folder: Path, model, tokenizer, depth: int, dim: int, captions: list) -> float:
     """The largest difference between the cut export's embeddings, computed by plain open_clip in a process of
     its own, and the full model's re-normalised dim-prefix at `depth`."""
     from mrl_clip.layers import TEXT, tower_exits
@@ -81,8 +79,6 @@ def check_in_plain_open_clip(folder: Path, full_export: str, depth: int, dim: in
     out = subprocess.run([sys.executable, "-c", PLAIN_OPEN_CLIP, str(folder), json.dumps(captions)],
                          capture_output=True, text=True, check=True)
     got = torch.tensor(json.loads(out.stdout))
-    model, _, _, tokenizer = models.create(full_export)
-    model.eval()
     with torch.no_grad():
         want = torch.nn.functional.normalize(tower_exits(model, TEXT, tokenizer(captions), [depth])[0][:, :dim], dim=-1)
     return float((got - want).abs().max())
@@ -97,7 +93,9 @@ def run(runs: dict, data: dict, out: Path, dims: list, train) -> dict:
     cells = {label: grid(entry) for label, entry in retrieval.items()}
     full = cells["align-2d"][(DEPTHS[-1], dims[-1])]
     captions = captions_of(data["heldout"])
-    seconds = encode_seconds(demo_commands.export(runs["align-2d"]), captions)
+    model, _, _, tokenizer = models.create(demo_commands.export(runs["align-2d"]))  # the full 2D model
+    model.eval()
+    seconds = encode_seconds(model, tokenizer, captions)
     speed = {depth: seconds[DEPTHS[-1]] / s for depth, s in seconds.items()}
     best_any = smallest_kept(cells["align-2d"], full)
     # plain open_clip builds a Hugging Face tower at the depth its hub config names (docs/truncate.md): the export
@@ -107,7 +105,7 @@ def run(runs: dict, data: dict, out: Path, dims: list, train) -> dict:
     if not (folder / "open_clip_config.json").is_file():
         demo_commands.command("mrl_clip", "truncate", "--model", demo_commands.export(runs["align-2d"]), "--dim", dim,
                               "--out", folder)
-    gap = check_in_plain_open_clip(folder, demo_commands.export(runs["align-2d"]), depth, dim, captions[:16])
+    gap = check_in_plain_open_clip(folder, model, tokenizer, depth, dim, captions[:16])
     sizes = {"full": file_size(Path(runs["align-2d"]) / "export"), "truncated": file_size(folder)}
     results = {"retrieval": retrieval, "encode_seconds": seconds, "speedup_vs_full_depth": speed,
                "full_recall@10": full, "smallest_kept_any_depth": list(best_any),

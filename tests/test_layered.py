@@ -18,7 +18,7 @@ from mrl_clip.train.main import main as train_main
 
 from .conftest import ROOT, TINY, one_line_exit
 from .numerics import gamma, loss_tolerance, siglip_loss_tolerance
-from .test_feature_cache import assert_same_training, train, train_flags, weights
+from .test_feature_cache import assert_same_training, free_port, train, train_flags, weights
 from .test_finetune import HF_TINY, LITE0, lite0_configs, one_error_line  # noqa: F401
 from .test_reliability import assert_same_training_state, log_records
 
@@ -260,13 +260,6 @@ def test_a_locked_hf_tower_cached_at_every_exit_trains_as_uncached(fmnist_data, 
     train(fmnist_data, tmp_path, "plain", *flags, **common)
     assert_same_training(tmp_path, "cached", "plain", step=2)
     assert any(p.name.startswith("text-hf-pooled-layers1.2.3") for p in (tmp_path / "cache").iterdir())
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
