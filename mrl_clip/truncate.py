@@ -21,10 +21,10 @@ tensor that cannot be sliced exactly):
   none, and local-dir: loading reads only the tokenizer from the folder), so a shallower HF tower would not load in
   plain open_clip; --text-layers below its depth is refused in one line.
 
-Nesting (mrl_clip.checkpoint.read_nesting): a cut at a dim or depth the source was not trained to nest is allowed,
-with one warning line (Kusupati et al. show untrained prefixes between trained ones interpolate in accuracy; the
-user decides, the eval verbs measure it), and so is a source with no nesting record, with one warning that its
-prefixes may never have been trained. The output records its own nesting (the source's dims below m, plus m; its
+Nesting (mrl_clip.nesting, the rule every verb shares): a cut at a dim or depth the source was not trained to nest
+is allowed, with one warning line (Kusupati et al. show untrained prefixes between trained ones interpolate in
+accuracy; the user decides, the eval verbs measure it), and so is a source with no nesting record, with one warning
+that its prefixes were never trained. The output records its own nesting (the source's dims below m, plus m; its
 depths below l, plus l) and, under "truncated_from", the source's width and depths and what was cut untrained.
 
 The output is written in a temporary folder beside --out and renamed into place, so an interrupted run leaves no
@@ -33,7 +33,6 @@ folder that looks like an export.
 import json
 import os
 import shutil
-import sys
 import tempfile
 from copy import deepcopy
 from pathlib import Path
@@ -118,17 +117,9 @@ def plan(model, config: dict, dim: Optional[int], layers: dict) -> dict:
     return {"dim": m, "width": width, "layers": cut}
 
 
-def untrained(nesting: dict, cut: dict) -> list:
-    """What the cut keeps that the source's nesting record does not list as trained (["dim 50", ...])."""
-    out = []
-    dims = nesting.get("matryoshka_dimensions") or [cut["width"]]
-    if cut["dim"] not in dims:
-        out.append(f"dim {cut['dim']} (trained: {','.join(map(str, dims))})")
-    for tower, (l, depth, _) in cut["layers"].items():
-        trained = nesting.get("matryoshka_layers", {}).get(tower) or [depth]
-        if l not in trained:
-            out.append(f"{tower} depth {l} (trained: {','.join(map(str, trained))})")
-    return out
+def cut_depths(cut: dict) -> dict:
+    """{tower: ([l], full depth)} of the towers the cut shortens (mrl_clip.nesting's `depths`)."""
+    return {tower: ([l], depth) for tower, (l, depth, _) in cut["layers"].items()}
 
 
 def new_config(config: dict, cut: dict) -> dict:
@@ -247,6 +238,7 @@ def truncate(name: str, out: Path, dim: Optional[int] = None, image_layers: Opti
 
     from . import models
     from .checkpoint import read_nesting
+    from .nesting import export_record, untrained, warn
 
     folder = source_folder(name)
     out = Path(out)
@@ -255,14 +247,8 @@ def truncate(name: str, out: Path, dim: Optional[int] = None, image_layers: Opti
     model = models.create(name)[0]
     cut = plan(model, config, dim, {IMAGE: image_layers, TEXT: text_layers})
     nesting = read_nesting(folder)
-    missed = untrained(nesting, cut)
-    if not nesting:
-        print(f"warning: {folder} records no nesting (exported before exports recorded it, or by another tool): "
-              "its prefixes and shallower exits may never have been trained", file=sys.stderr)
-    elif missed:
-        print(f"warning: {folder} was not trained to nest {'; '.join(missed)}: the cut is exact, but untrained "
-              "prefixes and exits are only as good as they happen to be (measure them with the eval verbs)",
-              file=sys.stderr)
+    missed = untrained(export_record(folder), cut["width"], [cut["dim"]], cut_depths(cut))
+    warn(str(folder), export_record(folder), cut["width"], [cut["dim"]], cut_depths(cut))
     small_cfg = new_config(config, cut)
     skeleton = build_skeleton(config, small_cfg)
     tensors = sliced_state(model.state_dict(), skeleton.state_dict(), cut)

@@ -184,7 +184,7 @@ def test_a_source_without_nesting_record_warns_once(tiny4, tmp_path, capfd):
     (old / "open_clip_config.json").write_text(json.dumps({k: config[k] for k in ("model_cfg", "preprocess_cfg")}))
     run_verb("truncate", "--model", f"local-dir:{old}", "--dim", 64, "--out", tmp_path / "cut")
     lines = warnings_in(capfd.readouterr().err)
-    assert len(lines) == 1 and "records no nesting" in lines[0] and "may never have been trained" in lines[0]
+    assert len(lines) == 1 and "records no Matryoshka nesting" in lines[0] and "never trained" in lines[0]
     run_verb("truncate", "--model", f"local-dir:{tiny4}", "--dim", 64, "--out", tmp_path / "trained-cut")
     assert warnings_in(capfd.readouterr().err) == []
 

@@ -20,10 +20,13 @@ from pathlib import Path
 
 import torch
 
-from .. import models
+from .. import models, nesting
 from ..dims import parse_int_list
 from ..errors import ArgumentParser, UserError
+from ..layers import FLAGS, check_layers
 from . import cascade, fewshot, knn, probe, zeroshot, zeroshot_retrieval
+from .depths import requested_layers
+from .report import dims_for
 
 # task -> (one line of help, add_flags(subparser): its own flags, run_task(args, entries, requested dims))
 TASKS = {
@@ -91,8 +94,27 @@ def model_list(args) -> list:
     return [(label, name, ckpt) for label, (name, ckpt) in zip(labels, entries)]
 
 
+def warn_untrained(args, entries, requested) -> None:
+    """One warning line per model asked for dims (--dims, or the default ladder) or depths (--image-layers,
+    --text-layers) it was not trained to nest (mrl_clip.nesting); the evaluation runs as asked."""
+    layers = requested_layers(args)
+    said = set()
+    for _, name, ckpt in entries:
+        cfg = models.model_config(name)
+        depths = {}
+        for tower, asked in layers.items():
+            full = nesting.config_depth(cfg, tower) if asked else None
+            if full:  # a tower without layers: the task refuses its flag in one line
+                depths[tower] = (check_layers(asked, full, FLAGS[tower], must_end_at_depth=False), full)
+        who = name + (f" --pretrained {ckpt}" if ckpt else "")
+        nesting.warn(who, nesting.of_model(name, ckpt, args.adaptor), int(cfg["embed_dim"]),
+                     dims_for(name, requested), depths, said)
+
+
 def main(argv=None):
     args = parse_args(argv)
     requested = parse_int_list(args.dims, "--dims") if args.dims else None
     _, _, run_task = TASKS[args.task]
-    return run_task(args, model_list(args), requested)
+    entries = model_list(args)
+    warn_untrained(args, entries, requested)
+    return run_task(args, entries, requested)

@@ -6,7 +6,8 @@
 --images takes a folder (every image file under it, sorted by path) or a .txt list of image paths (relative paths
 are read from the list's folder); --texts a file with one text a line. The output .npz holds `embeddings`
 [items, width] (full width, L2-normalised; prefixes are re-normalised at search time), `items` (the paths or
-texts) and `meta` (JSON: model, checkpoint, kind, width, dim, precision).
+texts) and `meta` (JSON: model, checkpoint, kind, width, dim, precision, and "nesting": the model's nesting record,
+{} for none, which `search` reads to warn about untrained dims; mrl_clip.nesting).
 
 --dim M --precision P stores only what a vector database needs: the re-normalised M-d prefix (slice, then
 L2-normalise) at precision float32, float16, int8 or binary (mrl_clip.quantize). int8: `embeddings` holds int8
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .. import models, quantize
+from .. import models, nesting, quantize
 from ..adaptor import adaptor_identity
 from ..errors import ArgumentParser, UserError, not_a_command
 from ..files import atomic_write
@@ -189,12 +190,14 @@ def main(argv=None):
     model, _, preprocess, tokenizer = models.create(args.model, args.pretrained, device=args.device,
                                                     adaptor=args.adaptor)
     model.eval()
+    record = nesting.of_model(args.model, args.pretrained, args.adaptor)
+    nesting.warn(args.model, record, width, [args.dim or width])
     if args.images:
         embeddings = embed_images(model, preprocess, items, args.device, args.batch_size, args.workers)
     else:
         embeddings = embed_texts(model, tokenizer, items, args.device, args.batch_size)
     meta = {"model": args.model, "pretrained": args.pretrained, "kind": "images" if args.images else "texts",
-            "adaptor": adaptor_identity(args.adaptor)}
+            "adaptor": adaptor_identity(args.adaptor), "nesting": record}
     dim = args.dim or embeddings.shape[1]
     save_embeddings(args.output, embeddings, items, meta, dim=dim, precision=args.precision)
     print(f"wrote {len(items)} {meta['kind']} x {dim} dims ({args.precision}, "

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import models, quantize
+from .. import models, nesting, quantize
 from ..adaptor import adaptor_identity
 from ..errors import ArgumentParser, UserError
 from ..files import write_json
@@ -137,6 +137,15 @@ def stage1_ef(stages, spec, hnsw_ef):
     return hnsw_ef or stages[0].k
 
 
+def warn_untrained(args, meta, stages, width, quantized) -> None:
+    """One line when the dims searched (--dim, the funnel's stages, a code file's dim) are ones the embedding
+    model was not trained to nest, as the file records it (`mrl_clip embed` writes meta "nesting"); a file from
+    before it did says nothing: its model's record is unknown."""
+    dims = [stage.dim for stage in stages] if stages else [width if quantized else args.dim or width]
+    nesting.warn(f"{meta.get('model')} (the model of {args.index})", meta.get("nesting"),
+                 int(meta.get("width", width)), dims)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if is_index_file(args.index):
@@ -150,6 +159,7 @@ def main(argv=None):
     stages = parse_funnel(args.funnel, width, args.k) if args.funnel and not quantized else None
     if args.dim is not None and not 1 <= args.dim <= width:
         raise UserError(f"--dim {args.dim} is outside 1..{width} (the width of {args.index})")
+    warn_untrained(args, meta, stages, width, quantized)
     queries, labels = encode_queries(args, meta)
     if queries.shape[1] < width:
         raise UserError(f"the queries are {queries.shape[1]}-d but {args.index} holds {width}-d embeddings")
