@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from . import epoch_checkpoints
 from .agree import RankAgreement
 from .engine import Engine, RunState
 from .guards import BAD_FRACTION_MIN_SAMPLES, NonFiniteSteps, check_bad_fraction, log_bad_samples
@@ -180,8 +181,10 @@ def after_step(run: Run) -> bool:
         raise
     validate_if_due(run)  # before the checkpoint: one taken at a step validated there already
     # not inside a run of skipped steps: the newest checkpoint stays one taken after a finite step
-    if run.step % run.args.save_every_n_steps == 0 and run.step < run.total_steps and run.nonfinite.in_row == 0:
+    saving = run.step % run.args.save_every_n_steps == 0 or epoch_checkpoints.due(run)
+    if saving and run.step < run.total_steps and run.nonfinite.in_row == 0:
         save(run)
+        epoch_checkpoints.write(run)
     return True
 
 

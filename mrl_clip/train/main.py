@@ -25,7 +25,6 @@ import torch
 from open_clip_train.distributed import init_distributed_device
 from open_clip_train.main import random_seed
 from open_clip_train.precision import get_autocast
-from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
 
 from .. import models
@@ -34,7 +33,8 @@ from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
-from . import deepspeed_engine, feature_cache, finetune, layered, locked_towers, tensorboard_log, validate
+from . import (deepspeed_engine, epoch_checkpoints, feature_cache, finetune, layered, locked_towers, lr_schedule,
+               open_clip_flags, remote_sync, tensorboard_log, validate, wandb_log)
 from .agree import RankAgreement
 from .engine import RunState
 from .guards import NonFiniteSteps
@@ -66,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.9)
     p.add_argument("--beta2", type=float, default=0.98)
     p.add_argument("--eps", type=float, default=1e-6)
+    p.add_argument("--opt", type=str, default="adamw", help="the optimizer: adamw only (open_clip's default)")
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--grad-clip-norm", type=float, default=None)
     p.add_argument("--accum-freq", type=int, default=1,
@@ -106,18 +107,29 @@ def parse_args(argv=None):
     feature_cache.add_flags(p)
     validate.add_flags(p)
     tensorboard_log.add_flags(p)
+    lr_schedule.add_flags(p)
+    epoch_checkpoints.add_flags(p)
+    remote_sync.add_flags(p)
+    wandb_log.add_flags(p)
+    open_clip_flags.add_flags(p)  # last: open_clip's flags refused here, each with its line
     args = p.parse_args(argv)
     finetune.check_flags(args)
     layered.check_flags(args)
     feature_cache.check_flags(args)
     validate.check_flags(args)
     tensorboard_log.check_flags(args)
+    lr_schedule.check_flags(args)
+    epoch_checkpoints.check_flags(args)
+    remote_sync.check_flags(args)
     args.dims = parse_int_list(args.dims, "--dims")
     args.dim_weights = parse_float_list(args.dim_weights, "--dim-weights") if args.dim_weights else None
     for flag in ("batch_size", "epochs", "accum_freq", "save_every_n_steps", "log_every_n_steps",
                  "max_nonfinite_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.opt != "adamw":
+        raise UserError(f"--opt {args.opt}: mrl_clip.train trains with AdamW only (open_clip's default adamw; its "
+                        "timm optimizers are not offered)")
     if args.workers < 0:
         raise UserError("--workers must be 0 or more")
     for flag, ok, rule in [("--lr", args.lr > 0, "above 0"), ("--wd", args.wd >= 0, "0 or more"),
@@ -182,16 +194,18 @@ def main(argv=None):
     if args.val_data:
         run.val = make_validation(args, preprocess_val, run)
         validate.catch_up(run, resumed.validated_step if resumed else None)
-    finished = train(run)
-    if finished:
-        save(run)
-        if args.rank == 0:
-            export(run)
-    run.progress.close()
-    if run.log_file is not None:
-        run.log_file.close()
-    if run.writer is not None:
-        run.writer.close()
+    with remote_sync.syncing(args, run_dir):  # its last sync after the files below are complete
+        finished = train(run)
+        if finished:
+            save(run)
+            epoch_checkpoints.write(run)
+            if args.rank == 0:
+                export(run)
+        run.progress.close()
+        if run.log_file is not None:
+            run.log_file.close()
+        if run.writer is not None:
+            run.writer.close()
     run.agreement.close()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -268,13 +282,14 @@ def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, resu
         (run_dir / "params.json").write_text(json.dumps(vars(args), indent=1, default=str))
         remove_partial_files(run_dir / "checkpoints")  # left by a run killed while saving
         log_file = open(run_dir / "log.jsonl", "a")
-        if "tensorboard" in args.report_to:
-            writer = tensorboard_log.make_writer(run_dir, step)
+        writer = wandb_log.combined(
+            ([tensorboard_log.make_writer(run_dir, step)] if "tensorboard" in args.report_to else []) +
+            ([wandb_log.make_writer(args)] if "wandb" in args.report_to else []))
     return Run(
         args=args, engine=engine, step=step, run_dir=run_dir, stream=stream, tokenizer=tokenizer,
         loss_fn=make_loss(args),
         autocast=get_autocast(args.precision, device_type=torch.device(args.device).type),
-        schedule=cosine_lr(optimizer, args.lr, args.warmup, steps_per_epoch * args.epochs),
+        schedule=lr_schedule.make(args, optimizer, steps_per_epoch),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         position=position_for_rank(resumed.data if resumed else [], args.rank, args.world_size, args.workers),
         nonfinite=nonfinite, agreement=RankAgreement(PreemptionSignal(), args.distributed), log_file=log_file,

@@ -11,26 +11,22 @@ from typing import Optional
 
 from ..errors import UserError
 
-SUPPORTED = ("tensorboard",)
+SUPPORTED = ("tensorboard", "wandb", "all")
 
 
 def add_flags(p) -> None:
     p.add_argument("--report-to", default="",
-                   help="'tensorboard': scalars per dim in RUN/tensorboard (open_clip's 'wandb' and 'all' are not "
-                        "supported here)")
+                   help="'tensorboard': scalars per dim in RUN/tensorboard; 'wandb': the same scalars to Weights & "
+                        "Biases (wandb_log.py); 'all': both (open_clip's values, comma-separated too)")
 
 
 def check_flags(args) -> None:
-    """args.report_to becomes the list of what was asked for."""
+    """args.report_to becomes the list of what was asked for ('all': tensorboard and wandb, as open_clip)."""
     asked = [v.strip() for v in args.report_to.split(",") if v.strip()]
     for value in asked:
-        if value in ("wandb", "all"):
-            raise UserError(f"--report-to {value}: Weights & Biases is not supported by mrl_clip.train (it writes "
-                            "log.jsonl, and TensorBoard with --report-to tensorboard)")
         if value not in SUPPORTED:
-            raise UserError(f"--report-to takes 'tensorboard' (open_clip's 'wandb' and 'all' are not supported "
-                            f"here), got '{value}'")
-    args.report_to = asked
+            raise UserError(f"--report-to takes tensorboard, wandb or all, got '{value}'")
+    args.report_to = ["tensorboard", "wandb"] if "all" in asked else asked
 
 
 def make_writer(run_dir: Path, resumed_step: int) -> Optional[object]:
