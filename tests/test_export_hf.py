@@ -227,7 +227,8 @@ def test_zero_shot_pipeline_matches_mrl_clip_eval(tiny_hf, small_eval, tmp_path)
     photos = [Image.fromarray(a) for a in images[:40]]
     classify = pipeline("zero-shot-image-classification", model=str(hf), device="cpu")
     names = list(fashion_mnist.CLASSNAMES)
-    found = classify(photos, candidate_labels=names, hypothesis_template="a photo of a {}.")
+    found = classify(photos, candidate_labels=names, hypothesis_template="a photo of a {}.",
+                     num_workers=0, batch_size=40)
     top1 = [names.index(scores[0]["label"]) for scores in found]
     assert np.mean(np.array(top1) == labels[:40]) == pytest.approx(acc1, abs=1e-12)
     model, _, preprocess, tokenizer = models.create(f"local-dir:{src}")
