@@ -30,8 +30,9 @@ SOT, EOT = "<|startoftext|>", "<|endoftext|>"  # open_clip's <start_of_text>, <e
 LEGACY_ARGMAX_EOS = 2  # transformers' CLIPTextModel pools at input_ids.argmax(-1) for exactly this eos_token_id
 # config fields CLIPModel represents (read by hf_config); every other field must keep open_clip's default
 VISION_MAPPED = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
-TEXT_MAPPED = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "hf_tokenizer_name",
-               "tokenizer_mode", "tokenizer_kwargs"}
+# (a tokenizer other than open_clip's BPE, hf_tokenizer_name / tokenizer_mode / tokenizer_kwargs, is refused too:
+# the export's tokenizer is built from that BPE)
+TEXT_MAPPED = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 TOP_MAPPED = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "cast_dtype"}
 
 
