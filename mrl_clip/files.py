@@ -65,3 +65,29 @@ def atomic_torch_save(obj, path: Path) -> None:
 def write_json(obj, path) -> None:
     text = json.dumps(obj, indent=1)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_folder(out, write) -> Path:
+    """`write(tmp)` fills a temporary folder beside `out` (which must not exist, or be empty); its files are
+    flushed, then it is renamed to `out`, so an interrupted run leaves no folder that looks finished."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's folder is private
+        fsync_folder(tmp)
+        if out.exists():
+            out.rmdir()  # empty (the caller checked); rename cannot replace a folder on every platform
+        os.rename(tmp, out)
+        fsync_folder(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
