@@ -34,7 +34,7 @@ from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
 from . import (deepspeed_engine, epoch_checkpoints, feature_cache, finetune, layered, locked_towers, lr_schedule,
-               open_clip_flags, remote_sync, tensorboard_log, validate, wandb_log)
+               open_clip_flags, remote_sync, tensorboard_log, text_log, validate, wandb_log)
 from .agree import RankAgreement
 from .engine import RunState
 from .guards import NonFiniteSteps
@@ -107,6 +107,7 @@ def parse_args(argv=None):
     feature_cache.add_flags(p)
     validate.add_flags(p)
     tensorboard_log.add_flags(p)
+    text_log.add_flags(p)
     lr_schedule.add_flags(p)
     epoch_checkpoints.add_flags(p)
     remote_sync.add_flags(p)
@@ -164,6 +165,7 @@ def main(argv=None):
                             "partitioned across ranks): use stage 1 or 2")
     args.name = args.name or f"{args.model}-mrl{'-'.join(map(str, args.dims))}"
     run_dir = Path(args.logs) / args.name
+    text_log.start(args, run_dir)
 
     random_seed(args.seed, 0)  # the same initial weights on every rank
     model, preprocess_train, preprocess_val, tokenizer = models.create(
@@ -210,6 +212,7 @@ def main(argv=None):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    text_log.stop()
     return 0 if finished else EXIT_PREEMPTED
 
 

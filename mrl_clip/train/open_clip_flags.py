@@ -41,9 +41,9 @@ FLAGS = {
                              "instead"),
     "--logs": (SUPPORTED, "also spelled --output-dir (torchrun's --logs-specs makes a bare --logs ambiguous); "
                           "default runs"),
-    "--log-local": (REFUSED, "mrl_clip.train keeps one RUN/log.jsonl from rank 0 (its losses and bad-sample "
-                             "counts are agreed across ranks); each rank's own text log is its stderr: use srun "
-                             "--output=RUN/rank-%t.log or torchrun --log-dir"),
+    "--log-local": (SUPPORTED, "RUN/out.log from rank 0, or RUN/out-RANK from each node's local rank 0: a copy "
+                               "of the process's stderr lines, appended on resume (open_clip refuses an existing "
+                               "one unless --resume latest); RUN/log.jsonl stays the machine-readable log"),
     "--name": (SUPPORTED, "default: the model and dims rather than a date"),
     "--workers": (SUPPORTED, "default 1"),
     "--batch-size": (SUPPORTED, "default 128"),
