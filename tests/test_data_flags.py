@@ -258,6 +258,7 @@ def test_forced_image_size_trains_and_its_export_loads_in_plain_open_clip(fmnist
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow  # DeepSpeed's start: 277 s measured on the shared 2-core machine
 def test_deepspeed_smoke_run_on_a_csv(fmnist_csv, tmp_path):
     result = run_module("mrl_clip.train", *BASE, "--train-data", fmnist_csv, *OURS, "--max-steps", "2",
                         "--deepspeed", "configs/ds_zero2_fp32.json", "--logs", tmp_path, "--name", "ds")
