@@ -60,8 +60,8 @@ def resolve_dataset_type(train_data: str, dataset_type: str) -> str:
     """open_clip_train.data.get_dataset_fn's choice, with its failures as one line."""
     if dataset_type == "synthetic":
         raise UserError("--dataset-type synthetic is not supported by mrl_clip.train: use webdataset or csv")
-    if dataset_type != "auto":
-        return dataset_type
+    if dataset_type != "auto" or not train_data.strip():  # an empty list is the shard check's to name
+        return dataset_type if dataset_type != "auto" else "webdataset"
     ext = train_data.split(".")[-1]
     if ext in ("csv", "tsv"):
         return "csv"
