@@ -90,22 +90,26 @@ def missing_from_hub_cache(cfg: dict, pretrained_image: bool) -> Optional[str]:
 
 
 def create(name: str, pretrained: Optional[str] = None, device: str = "cpu", precision: str = "fp32",
-           pretrained_image: bool = False, siglip: bool = False, adaptor: Optional[str] = None):
+           pretrained_image: bool = False, siglip: bool = False, adaptor: Optional[str] = None,
+           open_clip_kwargs: Optional[dict] = None):
     """(model, preprocess_train, preprocess_val, tokenizer) for an open_clip name, `local-dir:PATH`, or a name
     plus a checkpoint file. `pretrained_image` loads the timm image tower's default pretrained weights (open_clip's
     flag of that name; a Hugging Face text tower loads its pretrained weights unless a checkpoint is given).
     `siglip`: the model as open_clip_train's --siglip creates it (SIGLIP_MODEL_KWARGS; a checkpoint without a
     logit_bias gets 0, open_clip's rule). `adaptor`: a Matryoshka adaptor file (mrl_clip.adapt) the model's
-    embeddings go through (mrl_clip.adaptor.AdaptedModel)."""
+    embeddings go through (mrl_clip.adaptor.AdaptedModel). `open_clip_kwargs`: create_model_and_transforms's
+    transform and force_* overrides (None values: the model's own), over our configs' timm defaults; a
+    force_context_length applies to the tokenizer too, as open_clip_train's main.py makes it."""
     cfg = model_config(name)  # unknown names fail here with a clear message
     if pretrained and local_dir(name) is None:
         if not os.path.isfile(pretrained) and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise UserError(f"checkpoint not found: {pretrained}")
+    overrides = {k: v for k, v in (open_clip_kwargs or {}).items() if v is not None}
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, precision=precision, pretrained_image=pretrained_image,
-            **timm_preprocess(name, cfg), **(SIGLIP_MODEL_KWARGS if siglip else {}))
-        tokenizer = open_clip.get_tokenizer(name)
+            **{**timm_preprocess(name, cfg), **overrides}, **(SIGLIP_MODEL_KWARGS if siglip else {}))
+        tokenizer = open_clip.get_tokenizer(name, context_length=overrides.get("force_context_length"))
     except pickle.UnpicklingError:  # open_clip loads with weights_only=True
         raise UserError(refused_pickle(pretrained)) from None
     except OSError as err:  # transformers' and huggingface_hub's "not cached and offline" errors are OSErrors

@@ -33,9 +33,10 @@ from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
-from . import (deepspeed_engine, epoch_checkpoints, feature_cache, finetune, layered, locked_towers, lr_schedule,
-               open_clip_flags, remote_sync, tensorboard_log, text_log, validate, wandb_log)
+from . import (data_flags, deepspeed_engine, epoch_checkpoints, feature_cache, finetune, layered, locked_towers,
+               lr_schedule, open_clip_flags, remote_sync, tensorboard_log, text_log, validate, wandb_log)
 from .agree import RankAgreement
+from .csv_source import CsvSource, read_csv
 from .engine import RunState
 from .guards import NonFiniteSteps
 from .loop import Run, save, train_one_epoch
@@ -112,8 +113,10 @@ def parse_args(argv=None):
     epoch_checkpoints.add_flags(p)
     remote_sync.add_flags(p)
     wandb_log.add_flags(p)
+    data_flags.add_flags(p)
     open_clip_flags.add_flags(p)  # last: open_clip's flags refused here, each with its line
     args = p.parse_args(argv)
+    data_flags.check_flags(args)
     finetune.check_flags(args)
     layered.check_flags(args)
     feature_cache.check_flags(args)
@@ -151,7 +154,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_inputs(args)
+    csv = check_inputs(args)
     device = init_distributed_device(args)
     ds_config = None
     if args.deepspeed:
@@ -169,7 +172,8 @@ def main(argv=None):
 
     random_seed(args.seed, 0)  # the same initial weights on every rank
     model, preprocess_train, preprocess_val, tokenizer = models.create(
-        args.model, args.pretrained, device=str(device), pretrained_image=args.pretrained_image, siglip=args.siglip)
+        args.model, args.pretrained, device=str(device), pretrained_image=args.pretrained_image, siglip=args.siglip,
+        open_clip_kwargs=data_flags.model_kwargs(args))
     clamp_logit_scale(model)
     finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
     if layered.layered_towers(args):
@@ -188,7 +192,7 @@ def main(argv=None):
     if args.rank == 0 and step:
         print(f"resumed at step {step}", file=sys.stderr)
 
-    run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, resumed, features)
+    run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, resumed, features, csv)
     if features is not None:
         run.swap = functools.partial(locked_towers.swapped, model, trunks)
     if layered.layered_towers(args):
@@ -216,17 +220,23 @@ def main(argv=None):
     return 0 if finished else EXIT_PREEMPTED
 
 
-def check_inputs(args) -> None:
+def check_inputs(args) -> Optional[CsvSource]:
+    """The flags checked against the model and the data; with --dataset-type csv, the table read."""
     args.dims = check_dims(args.dims, models.embed_width(args.model), must_end_at_width=True)
     args.dim_weights = check_weights(args.dim_weights, args.dims)
     finetune.check_pretrained_image(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dataset_type == "csv":
+        csv = read_csv(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        args.train_num_samples = args.train_num_samples or len(csv.images)
+        return csv
     check_shards(args.train_data, args.max_bad_fraction)
     if args.train_num_samples is None:
         args.train_num_samples = count_samples(args.train_data)
         if args.train_num_samples is None:
             raise UserError("no sizes.json beside the shards: pass --train-num-samples")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return None
 
 
 def deterministic_towers(args, model) -> list:
@@ -249,7 +259,8 @@ def cached_features(args, engine, trunks, preprocess_val, tokenizer):
     dtype = getattr(engine, "dtype", torch.float32)
     precision = f"deepspeed-{dtype}" if args.deepspeed else args.precision
     autocast = get_autocast(args.precision, device_type=torch.device(args.device).type)
-    return feature_cache.prepare(args, trunks, models.model_config(args.model), preprocess_val, tokenizer,
+    model_cfg = data_flags.config_overrides(models.model_config(args.model), args)
+    return feature_cache.prepare(args, trunks, model_cfg, preprocess_val, tokenizer,
                                  autocast, dtype, precision, resolve_shards(args.train_data, allow_missing=True))
 
 
@@ -267,13 +278,13 @@ def make_engine(args, model, device, ds_config):
 
 
 def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, resumed: Optional[RunState],
-             features=None) -> Run:
+             features=None, csv: Optional[CsvSource] = None) -> Run:
     """The run at its first step: 0, or the step `resumed` from, with its streams' positions and counts."""
     step = resumed.step if resumed else 0
     stream = StreamSettings(args.train_data, preprocess, tokenizer, args.batch_size, args.train_num_samples,
                             seed=args.seed, workers=args.workers, rank=args.rank, world_size=args.world_size,
                             resampled=args.dataset_resampled, accum_freq=args.accum_freq,
-                            features=features)
+                            features=features, weights=args.train_data_upsampling_factors, csv=csv)
     steps_per_epoch = stream.batches_per_epoch // args.accum_freq
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
     nonfinite = NonFiniteSteps(args.max_nonfinite_steps)
@@ -328,7 +339,7 @@ def train(run: Run) -> bool:
     while run.step < run.total_steps:
         epoch = run.step // run.steps_per_epoch
         args = run.args
-        if args.distributed and not args.dataset_resampled:
+        if args.distributed and not args.dataset_resampled and args.dataset_type == "webdataset":
             shards = rank_shards(args.train_data, args.seed, epoch, args.rank, args.world_size)
             listed = " ".join(shards) if len(shards) <= 16 else f"{' '.join(shards[:8])} ... ({len(shards)} shards)"
             print(f"rank {args.rank} of {args.world_size}, epoch {epoch}, reads shards: {listed}", file=sys.stderr)
@@ -341,7 +352,8 @@ def export(run: Run) -> None:
     """Rank 0, after the last save: RUN/export (local-dir:, plain open_clip loads it)."""
     model = run.engine.export_model(run.checkpoint_dir, run.step)
     args = run.args
-    export_local_dir(model, models.training_config(args.model, args.siglip), run.run_dir / "export",
+    model_cfg = data_flags.config_overrides(models.training_config(args.model, args.siglip), args)
+    export_local_dir(model, model_cfg, run.run_dir / "export",
                      nesting_record(args.dims, getattr(args, "image_layers", None), getattr(args, "text_layers", None)))
     print(f"done: {run.step} steps; checkpoint {run.checkpoint_dir / f'step_{run.step}.pt'}; "
           f"export local-dir:{run.run_dir / 'export'}; bad samples skipped: {run.position.bad_samples}; "

@@ -35,6 +35,7 @@ from webdataset.autodecode import imagehandler
 from webdataset.tariterators import tar_file_expander, url_opener
 
 from ..errors import UserError
+from .csv_source import IMAGE_PATH, with_image
 from .shards import resolve_shards
 
 SHARD_SHUFFLE_BUFFER = 2000
@@ -177,6 +178,10 @@ def sample_inputs(sample, where: str, preprocess: Callable, tokenizer: Callable,
                   features=None) -> tuple:
     """(image tensor, tokens) of a sample, or for a tower in `features` (feature_cache.FeatureLookup) its stored
     trunk output instead; BadSample as the uncached stream would skip it."""
+    if IMAGE_PATH in sample:  # a csv row: its image file, read now (csv_source)
+        path, sample = sample[IMAGE_PATH], with_image(sample, IMAGE_KEYS)
+        if not any(k in sample for k in IMAGE_KEYS):
+            raise BadSample(f"{where}: cannot read image file {path}")
     text, image_key = sample_caption(sample, where)
     if features is not None and features.has("image"):
         image = features.get("image", sample, where)
@@ -287,10 +292,33 @@ class StreamSettings:
     resampled: bool = False  # shards drawn with replacement
     accum_freq: int = 1
     features: Optional[object] = None  # --feature-cache: a feature_cache.FeatureLookup of the cached towers
+    weights: Optional[str] = None      # --train-data-upsampling-factors: a weight per '::'-joined source
+    csv: Optional[object] = None       # --dataset-type csv: a csv_source.CsvSource read instead of tar shards
 
     @property
     def batches_per_epoch(self) -> int:
         return batches_per_epoch(self.num_samples, self.batch_size, self.world_size, self.workers, self.accum_freq)
+
+
+def shard_stages(s: StreamSettings, shards: list, epoch: int, offset: int) -> list:
+    """The stream's first stages: the shards (or csv blocks) a worker reads in `epoch`, drawn with replacement
+    (with --train-data-upsampling-factors, each with its source's weight: open_clip's ResampledShards2) or
+    shuffled and split across ranks and workers."""
+    workers_eff = max(1, s.workers)
+    if s.resampled:
+        return [ResampledShards2(
+            shards if s.csv is not None else s.urls, weights=s.weights,
+            deterministic=True, epoch=epoch - 1,  # ResampledShards2 increments before use
+            worker_seed=functools.partial(_worker_seed, s.seed, s.rank, offset))]
+    if len(shards) < workers_eff * s.world_size:
+        raise UserError(f"{len(shards)} shards cannot feed {workers_eff} workers x {s.world_size} ranks: "
+                        "write more shards, lower --workers, or use --dataset-resampled")
+    return [
+        wds.SimpleShardList(shards),
+        detshuffle2(bufsize=SHARD_SHUFFLE_BUFFER, initial=SHARD_SHUFFLE_BUFFER, seed=s.seed, epoch=epoch - 1),
+        functools.partial(_split_by_rank, rank=s.rank, world_size=s.world_size),
+        functools.partial(_split_by_logical_worker, offset=offset),
+    ]
 
 
 def make_train_stream(settings: StreamSettings, epoch: int, skip_batches: int = 0, consumed: Optional[dict] = None,
@@ -304,28 +332,15 @@ def make_train_stream(settings: StreamSettings, epoch: int, skip_batches: int = 
     skips its share of the batches, which is exact when no sample was bad.
     """
     s = settings
-    shards = resolve_shards(s.urls, allow_missing=True)
+    shards = s.csv.blocks if s.csv is not None else resolve_shards(s.urls, allow_missing=True)
     workers_eff = max(1, s.workers)
     offset = skip_batches % workers_eff
     if consumed is None:
         consumed = {w: n * s.batch_size for w, n in batches_per_worker_done(skip_batches, s.workers).items()}
-    if s.resampled:
-        pipeline = [ResampledShards2(
-            s.urls, deterministic=True, epoch=epoch - 1,  # ResampledShards2 increments before use
-            worker_seed=functools.partial(_worker_seed, s.seed, s.rank, offset))]
-    else:
-        if len(shards) < workers_eff * s.world_size:
-            raise UserError(f"{len(shards)} shards cannot feed {workers_eff} workers x {s.world_size} ranks: "
-                            "write more shards, lower --workers, or use --dataset-resampled")
-        pipeline = [
-            wds.SimpleShardList(shards),
-            detshuffle2(bufsize=SHARD_SHUFFLE_BUFFER, initial=SHARD_SHUFFLE_BUFFER, seed=s.seed, epoch=epoch - 1),
-            functools.partial(_split_by_rank, rank=s.rank, world_size=s.world_size),
-            functools.partial(_split_by_logical_worker, offset=offset),
-        ]
+    pipeline = shard_stages(s, shards, epoch, offset)
     tracker = WorkerTracker(offset, consumed, bad)
     pipeline += [
-        functools.partial(tarfile_to_samples_nothrow, handler=tracker),
+        s.csv.samples if s.csv is not None else functools.partial(tarfile_to_samples_nothrow, handler=tracker),
         detshuffle2(bufsize=SAMPLE_SHUFFLE_BUFFER, initial=SAMPLE_SHUFFLE_INITIAL, seed=s.seed + 7919 * s.rank,
                     epoch=epoch - 1),
         tracker.skip_and_count,
