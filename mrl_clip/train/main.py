@@ -34,7 +34,7 @@ from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
-from . import deepspeed_engine, feature_cache, finetune, layered, locked_towers, tensorboard_log, validate
+from . import deepspeed_engine, distill, feature_cache, finetune, layered, locked_towers, tensorboard_log, validate
 from .agree import RankAgreement
 from .engine import RunState
 from .guards import NonFiniteSteps
@@ -106,12 +106,14 @@ def parse_args(argv=None):
     feature_cache.add_flags(p)
     validate.add_flags(p)
     tensorboard_log.add_flags(p)
+    distill.add_flags(p)
     args = p.parse_args(argv)
     finetune.check_flags(args)
     layered.check_flags(args)
     feature_cache.check_flags(args)
     validate.check_flags(args)
     tensorboard_log.check_flags(args)
+    distill.check_flags(args)
     args.dims = parse_int_list(args.dims, "--dims")
     args.dim_weights = parse_float_list(args.dim_weights, "--dim-weights") if args.dim_weights else None
     for flag in ("batch_size", "epochs", "accum_freq", "save_every_n_steps", "log_every_n_steps",
@@ -156,6 +158,7 @@ def main(argv=None):
     random_seed(args.seed, 0)  # the same initial weights on every rank
     model, preprocess_train, preprocess_val, tokenizer = models.create(
         args.model, args.pretrained, device=str(device), pretrained_image=args.pretrained_image, siglip=args.siglip)
+    teacher = distill.make_teacher(args, device, model, tokenizer) if distill.enabled(args) else None
     clamp_logit_scale(model)
     finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
     if layered.layered_towers(args):
@@ -175,6 +178,8 @@ def main(argv=None):
         print(f"resumed at step {step}", file=sys.stderr)
 
     run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, resumed, features)
+    if teacher is not None:
+        run.loss_fn = distill.make_loss(args, teacher)
     if features is not None:
         run.swap = functools.partial(locked_towers.swapped, model, trunks)
     if layered.layered_towers(args):
