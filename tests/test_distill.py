@@ -21,8 +21,13 @@ from mrl_clip.train.stream import StreamSettings, make_train_stream
 
 from .conftest import ROOT, TINY, TINY_DIMS, one_line_exit
 from .numerics import gamma, loss_tolerance
-from .test_feature_cache import train, train_flags
+from .test_feature_cache import train, train_flags as _train_flags
 from .test_reliability import log_records
+
+
+def train_flags(*args, **kwargs) -> list:
+    """tests/test_feature_cache.py's flags as strings, for main(argv) in this process."""
+    return [str(a) for a in _train_flags(*args, **kwargs)]
 
 
 def distill_tolerance(scale, teacher_scale, m, teacher_width, batch, feature_error=0.0):

@@ -34,7 +34,8 @@ from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
-from . import deepspeed_engine, distill, feature_cache, finetune, layered, locked_towers, tensorboard_log, validate
+from . import (compiled, deepspeed_engine, distill, feature_cache, finetune, layer_decay, layered, locked_towers,
+               tensorboard_log, validate)
 from .agree import RankAgreement
 from .engine import RunState
 from .guards import NonFiniteSteps
@@ -107,6 +108,8 @@ def parse_args(argv=None):
     validate.add_flags(p)
     tensorboard_log.add_flags(p)
     distill.add_flags(p)
+    layer_decay.add_flags(p)
+    compiled.add_flags(p)
     args = p.parse_args(argv)
     finetune.check_flags(args)
     layered.check_flags(args)
@@ -114,6 +117,7 @@ def parse_args(argv=None):
     validate.check_flags(args)
     tensorboard_log.check_flags(args)
     distill.check_flags(args)
+    layer_decay.check_flags(args)
     args.dims = parse_int_list(args.dims, "--dims")
     args.dim_weights = parse_float_list(args.dim_weights, "--dim-weights") if args.dim_weights else None
     for flag in ("batch_size", "epochs", "accum_freq", "save_every_n_steps", "log_every_n_steps",
@@ -166,6 +170,7 @@ def main(argv=None):
     trunks = deterministic_towers(args, model)
     if args.deterministic_towers:
         preprocess_train = preprocess_val
+    compiled.apply(model, args)
     engine, optimizer = make_engine(args, model, device, ds_config)
     resumed, rng_restored = engine.load_checkpoint(args.resume, run_dir / "checkpoints", RunState.of_args(args))
     features = cached_features(args, engine, trunks, preprocess_val, tokenizer) if args.feature_cache else None
@@ -245,7 +250,8 @@ def make_engine(args, model, device, ds_config):
     """(engine, the optimizer the learning-rate schedule sets) for the plain loop or DeepSpeed."""
     if ds_config is not None:
         deepspeed_engine.vector_logit_scale(model)  # before the optimizer is made: it holds this parameter
-    optimizer = make_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
+    optimizer = make_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps,
+                               groups=layer_decay.param_groups(model, args))
     if ds_config is None:
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
         return PlainEngine(model, optimizer, scaler, args.grad_clip_norm, args.rank, args.world_size), optimizer
@@ -279,7 +285,8 @@ def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, resu
         args=args, engine=engine, step=step, run_dir=run_dir, stream=stream, tokenizer=tokenizer,
         loss_fn=make_loss(args),
         autocast=get_autocast(args.precision, device_type=torch.device(args.device).type),
-        schedule=cosine_lr(optimizer, args.lr, args.warmup, steps_per_epoch * args.epochs),
+        schedule=layer_decay.scheduled(cosine_lr(optimizer, args.lr, args.warmup, steps_per_epoch * args.epochs),
+                                       optimizer),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         position=position_for_rank(resumed.data if resumed else [], args.rank, args.world_size, args.workers),
         nonfinite=nonfinite, agreement=RankAgreement(PreemptionSignal(), args.distributed), log_file=log_file,
