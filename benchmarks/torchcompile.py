@@ -72,14 +72,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [measure(m, args.batch_size, args.rounds) for m in args.models.split(",")]
     print(f"{'model':<16} {'batch':>5} {'eager steps/s':>14} {'compiled steps/s':>17} {'speedup':>8} "
-          f"{'compile s':>10}")
-    for r in rows:
+          f"{'compile s':>10}", flush=True)
+    rows = []
+    for name in args.models.split(","):  # the table and the JSON grow model by model
+        r = measure(name, args.batch_size, args.rounds)
+        rows.append(r)
         print(f"{r['model']:<16} {r['batch_size']:>5} {r['eager_steps_per_s']:>14.2f} "
-              f"{r['compiled_steps_per_s']:>17.2f} {r['speedup']:>8.2f} {r['compile_s']:>10.1f}")
-    write_result("torchcompile", {"rows": rows, "machine": machine(args.threads),
-                                  "device": "cpu", "backend": "inductor"}, quick=False)
+              f"{r['compiled_steps_per_s']:>17.2f} {r['speedup']:>8.2f} {r['compile_s']:>10.1f}", flush=True)
+        write_result("torchcompile", {"rows": rows, "machine": machine(args.threads),
+                                      "device": "cpu", "backend": "inductor"}, quick=False)
     return 0
 
 

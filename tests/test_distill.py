@@ -92,9 +92,9 @@ def test_gradients_reach_the_student_and_not_the_teacher(trained_run):
 
 def train_args(trained_run, dims):
     """The flags distill.make_teacher and make_loss read, as mrl_clip.train parses them."""
-    return SimpleNamespace(distill_model=TINY, distill_pretrained=str(trained_run["checkpoint"]), dims=dims, dim_weights=[1.0] * len(dims),
-                           local_loss=False, gather_with_grad=False, rank=0, world_size=1, precision="fp32",
-                           device="cpu")
+    return SimpleNamespace(distill_model=TINY, distill_pretrained=str(trained_run["checkpoint"]), dims=dims,
+                           dim_weights=[1.0] * len(dims), local_loss=False, gather_with_grad=False, rank=0,
+                           world_size=1, precision="fp32", device="cpu")
 
 
 def held_out_batch(fmnist_data, preprocess, tokenizer, n=64):

@@ -84,7 +84,8 @@ def test_each_group_steps_with_its_scaled_lr(fmnist_data, tmp_path):
         # below by eps / |g|; either way by the float32 rounding of p - lr g/|g| (2^-24 |p| <= 1e-5 of the change)
         assert abs(change - expected) <= 1e-3 * expected, (name, change, expected)
         seen.add(round(expected / lr, 6))
-    assert seen == {0.5, 0.25, 0.125, 0.8, 0.64}  # the 1-d parameters sit in every group but the heads and the text embeddings
+    # the 1-d parameters sit in every group but the heads and the text embeddings
+    assert seen == {0.5, 0.25, 0.125, 0.8, 0.64}
     saved = {round(g["lr"] / lr, 6) for g in after["optimizer"]["param_groups"]}
     assert saved == {round(g["lr_scale"], 6) for g in after["optimizer"]["param_groups"]}
 
