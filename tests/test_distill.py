@@ -127,7 +127,8 @@ def test_a_distilled_student_learns_the_teachers_logits_at_a_small_prefix(fmnist
                                                            f"step_{steps}.pt")).eval()
     batch = held_out_batch(fmnist_data, open_clip.image_transform(28, is_train=False), open_clip.get_tokenizer(TINY))
     before, after = disagreement(initial, teacher, batch, 8), disagreement(trained, teacher, batch, 8)
-    # measured: ~4.16 (about ln 64, a uniform student) before and ~2.9 after 16 steps; the teacher's own ~2.4
+    # measured (2-core machine, the session's trained tiny model as teacher): 5.99 before, 4.16 after 16 steps; the
+    # teacher against itself 3.25
     assert after < before - 0.5, (before, after)
     records = log_records(tmp_path / "student")
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
