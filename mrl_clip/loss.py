@@ -241,3 +241,44 @@ class Matryoshka2dLoss(torch.nn.Module):
                 total = total + kl * self.kl_temperature * self.kl_div_weight
                 per_dim[f"{self.label(k)}_kl"] = kl.detach()
         return total, per_dim
+
+
+class MatryoshkaDistillLoss(ClipLoss):
+    """open_clip's DistillClipLoss at every prefix: for m in `dims`, the CLIP loss of the student's re-normalised
+    prefixes z[:, :m] (the student's logit_scale) plus the cross-entropy of their logits against the softmax of a
+    frozen teacher's full-width logits (the teacher's logit_scale), weighted by `weights` and summed. At one dim,
+    the embedding width, it is DistillClipLoss. Both models' features are gathered across ranks as open_clip's
+    get_logits gathers them (the teacher's once, without gradients: it has none).
+    """
+
+    def __init__(self, dims: Sequence[int], weights: Optional[Sequence[float]] = None, local_loss: bool = False,
+                 gather_with_grad: bool = False, rank: int = 0, world_size: int = 1):
+        super().__init__(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
+        self.dims = check_dims(dims)
+        self.weights = check_weights(weights, self.dims)
+
+    def dist_loss(self, teacher_logits, student_logits):  # open_clip's DistillClipLoss.dist_loss
+        return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    def prefix_logits(self, image, text, m: int, logit_scale) -> tuple:
+        """open_clip's get_logits on the re-normalised m-prefixes."""
+        return self.get_logits(F.normalize(image[:, :m], dim=-1), F.normalize(text[:, :m], dim=-1), logit_scale)
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale, output_dict=False):
+        """Returns (total, {dim m: contrastive + distillation loss at m, detached}), or with `output_dict`
+        {"contrastive_loss_dim{m}", "distill_loss_dim{m}": weighted terms} (their sum is the total)."""
+        check_width(self.dims, image_features)
+        teacher = self.prefix_logits(dist_image_features, dist_text_features, dist_text_features.shape[-1],
+                                     dist_logit_scale)
+        total = 0.0
+        per_dim, terms = {}, {}
+        for m, weight in zip(self.dims, self.weights):
+            logits_per_image, logits_per_text = self.prefix_logits(image_features, text_features, m, logit_scale)
+            labels = self.get_ground_truth(image_features.device, logits_per_image.shape[0])
+            contrastive = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+            distill = (self.dist_loss(teacher[0], logits_per_image) + self.dist_loss(teacher[1], logits_per_text)) / 2
+            terms[f"contrastive_loss_dim{m}"], terms[f"distill_loss_dim{m}"] = weight * contrastive, weight * distill
+            per_dim[m] = (contrastive + distill).detach()
+            total = total + weight * (contrastive + distill)
+        return terms if output_dict else (total, per_dim)

@@ -25,7 +25,7 @@ from mrl_clip import export, models
 from mrl_clip.checkpoint import export_local_dir, nesting_record, read_nesting
 from pipelines import fashion_mnist
 
-from .conftest import ROOT, TINY, TINY_DIMS, one_line_exit, run_verb
+from .conftest import TINY, TINY_DIMS, one_line_exit, run_verb
 from .numerics import LAMBDA, U32
 from .test_truncate import align_source  # noqa: F401  (the ALIGN export fixture)
 

@@ -148,6 +148,8 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         t_step = time.perf_counter()
         # a 2D loss draws the earlier exits it trains from the step (the same on every rank and resume)
         loss_fn = run.loss_fn.at_step(run.step) if hasattr(run.loss_fn, "at_step") else run.loss_fn
+        # a distillation loss runs its teacher on the step's batches
+        loss_fn = loss_fn.for_batches(group) if hasattr(loss_fn, "for_batches") else loss_fn
         with run.swap():
             result = train_step(run.engine, loss_fn, group, run.autocast)
         run.step += 1

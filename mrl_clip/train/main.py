@@ -33,8 +33,9 @@ from ..dims import check_dims, check_weights, parse_float_list, parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..files import remove_partial_files
 from ..loss import MatryoshkaClipLoss, MatryoshkaSigLipLoss
-from . import (data_flags, deepspeed_engine, epoch_checkpoints, feature_cache, finetune, layered, locked_towers,
-               lr_schedule, open_clip_flags, remote_sync, tensorboard_log, text_log, validate, wandb_log)
+from . import (compiled, data_flags, deepspeed_engine, distill, epoch_checkpoints, feature_cache, finetune,
+               layer_decay, layered, locked_towers, lr_schedule, open_clip_flags, remote_sync, tensorboard_log,
+               text_log, validate, wandb_log)
 from .agree import RankAgreement
 from .csv_source import CsvSource, read_csv
 from .engine import RunState
@@ -114,6 +115,9 @@ def parse_args(argv=None):
     remote_sync.add_flags(p)
     wandb_log.add_flags(p)
     data_flags.add_flags(p)
+    distill.add_flags(p)
+    layer_decay.add_flags(p)
+    compiled.add_flags(p)
     open_clip_flags.add_flags(p)  # last: open_clip's flags refused here, each with its line
     args = p.parse_args(argv)
     data_flags.check_flags(args)
@@ -125,6 +129,8 @@ def parse_args(argv=None):
     lr_schedule.check_flags(args)
     epoch_checkpoints.check_flags(args)
     remote_sync.check_flags(args)
+    distill.check_flags(args)
+    layer_decay.check_flags(args)
     args.dims = parse_int_list(args.dims, "--dims")
     args.dim_weights = parse_float_list(args.dim_weights, "--dim-weights") if args.dim_weights else None
     for flag in ("batch_size", "epochs", "accum_freq", "save_every_n_steps", "log_every_n_steps",
@@ -174,6 +180,7 @@ def main(argv=None):
     model, preprocess_train, preprocess_val, tokenizer = models.create(
         args.model, args.pretrained, device=str(device), pretrained_image=args.pretrained_image, siglip=args.siglip,
         open_clip_kwargs=data_flags.model_kwargs(args))
+    teacher = distill.make_teacher(args, device, model, tokenizer) if distill.enabled(args) else None
     clamp_logit_scale(model)
     finetune.apply(model, args)  # before the optimizer (it holds trainable parameters only) and any resume
     if layered.layered_towers(args):
@@ -181,6 +188,7 @@ def main(argv=None):
     trunks = deterministic_towers(args, model)
     if args.deterministic_towers:
         preprocess_train = preprocess_val
+    compiled.apply(model, args)
     engine, optimizer = make_engine(args, model, device, ds_config)
     resumed, rng_restored = engine.load_checkpoint(args.resume, run_dir / "checkpoints", RunState.of_args(args))
     features = cached_features(args, engine, trunks, preprocess_val, tokenizer) if args.feature_cache else None
@@ -193,6 +201,8 @@ def main(argv=None):
         print(f"resumed at step {step}", file=sys.stderr)
 
     run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, resumed, features, csv)
+    if teacher is not None:
+        run.loss_fn = distill.make_loss(args, teacher)
     if features is not None:
         run.swap = functools.partial(locked_towers.swapped, model, trunks)
     if layered.layered_towers(args):
@@ -268,7 +278,8 @@ def make_engine(args, model, device, ds_config):
     """(engine, the optimizer the learning-rate schedule sets) for the plain loop or DeepSpeed."""
     if ds_config is not None:
         deepspeed_engine.vector_logit_scale(model)  # before the optimizer is made: it holds this parameter
-    optimizer = make_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
+    optimizer = make_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps,
+                               groups=layer_decay.param_groups(model, args))
     if ds_config is None:
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "amp")
         return PlainEngine(model, optimizer, scaler, args.grad_clip_norm, args.rank, args.world_size), optimizer
@@ -303,7 +314,7 @@ def make_run(args, engine, optimizer, preprocess, tokenizer, run_dir: Path, resu
         args=args, engine=engine, step=step, run_dir=run_dir, stream=stream, tokenizer=tokenizer,
         loss_fn=make_loss(args),
         autocast=get_autocast(args.precision, device_type=torch.device(args.device).type),
-        schedule=lr_schedule.make(args, optimizer, steps_per_epoch),
+        schedule=layer_decay.scheduled(lr_schedule.make(args, optimizer, steps_per_epoch), optimizer),
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         position=position_for_rank(resumed.data if resumed else [], args.rank, args.world_size, args.workers),
         nonfinite=nonfinite, agreement=RankAgreement(PreemptionSignal(), args.distributed), log_file=log_file,

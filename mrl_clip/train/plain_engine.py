@@ -22,11 +22,11 @@ def clamp_logit_scale(model) -> None:
         model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
 
-def make_optimizer(model, lr: float, wd: float, betas: tuple, eps: float):
+def make_optimizer(model, lr: float, wd: float, betas: tuple, eps: float, groups=None):
     """AdamW over the trainable parameters, with no weight decay on 1-d ones (gains, biases, norms, logit_scale)
     or biases: timm's param_groups_weight_decay, which on our models splits as open_clip_train's main() does
-    (tests/test_train.py compares them)."""
-    return torch.optim.AdamW(param_groups_weight_decay(model, wd), lr=lr, betas=betas, eps=eps)
+    (tests/test_train.py compares them); or over `groups` (layer_decay's, split the same way)."""
+    return torch.optim.AdamW(groups or param_groups_weight_decay(model, wd), lr=lr, betas=betas, eps=eps)
 
 
 def gradients_finite(model) -> bool:
