@@ -166,7 +166,6 @@ def hf_image_processor(preprocess_cfg: dict, image_size: int):
 
 def export_transformers(name: str, out: Path) -> dict:
     """Write `name` (local-dir:PATH, an open_clip CLIP) as a CLIPModel folder at `out`; returns its config."""
-
     import open_clip
     from open_clip.constants import HF_CONFIG_NAME
     from transformers import CLIPModel, CLIPProcessor
