@@ -95,19 +95,23 @@ def knn_at_exit(grid, train_x, train_y, test_x, test_y, dims, ks, i, _text_index
                        at_exit(test_x, grid, "image", i).numpy(), test_y.numpy(), dims, ks)
 
 
+def knn_result(args, name, ckpt, dims, ks, layers, source=None) -> dict:
+    """One model's {"dims", "metrics"} (and its grid with layers), --train-split as the database."""
+    model, _, _, features = load_with_features(args, name, ckpt, [args.train_split, args.split], layers, source)
+    grid = grid_for(model, layers)
+    (train_x, train_y), (test_x, test_y) = features[args.train_split], features[args.split]
+    metrics_at = partial(knn_at_exit, grid, train_x, train_y, test_x, test_y, dims, ks)
+    result = {"dims": dims, "metrics": by_dim(metrics_at(-1, None))}
+    if grid:
+        result.update(grid_entry(grid, grid_metrics(grid, metrics_at), towers=("image",)))
+    return result
+
+
 def run_task(args, entries, requested) -> int:
     """`eval knn`: each model's k-NN top-1 at each dim, --train-split as the database, --split as the queries."""
     ks = positive_ks(parse_int_list(args.k, "--k"))
     layers = requested_layers(args)
-    results = {}
-    for label, name, ckpt in entries:
-        dims = dims_for(name, requested)
-        model, _, _, features = load_with_features(args, name, ckpt, [args.train_split, args.split], layers)
-        grid = grid_for(model, layers)
-        (train_x, train_y), (test_x, test_y) = features[args.train_split], features[args.split]
-        metrics_at = partial(knn_at_exit, grid, train_x, train_y, test_x, test_y, dims, ks)
-        results[label] = {"dims": dims, "metrics": by_dim(metrics_at(-1, None))}
-        if grid:
-            results[label].update(grid_entry(grid, grid_metrics(grid, metrics_at), towers=("image",)))
+    results = {label: knn_result(args, name, ckpt, dims_for(name, requested), ks, layers)
+               for label, name, ckpt in entries}
     write_report(args, results, metric_names(ks))
     return 0

@@ -24,7 +24,7 @@ from .. import models, nesting
 from ..dims import parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..layers import FLAGS, check_layers
-from . import cascade, fewshot, knn, probe, zeroshot, zeroshot_retrieval
+from . import cascade, fewshot, knn, named, probe, zeroshot, zeroshot_retrieval
 from .depths import requested_layers
 from .report import dims_for
 
@@ -42,14 +42,14 @@ TASKS = {
 }
 
 
-def add_common(sub):
+def add_common(sub, named_sets=False):
     sub.add_argument("--model", required=True, help="open_clip model name or local-dir:PATH")
     sub.add_argument("--pretrained", default=None, help="checkpoint file (not needed with local-dir:)")
     sub.add_argument("--compare", action="append", default=[], metavar="MODEL",
                      help="another model to evaluate side by side (repeatable)")
     sub.add_argument("--compare-pretrained", action="append", default=[], metavar="CKPT",
                      help="checkpoint of the matching --compare model ('none' for local-dir:)")
-    sub.add_argument("--data", required=True, help="folder in CLIP_benchmark's wds layout")
+    sub.add_argument("--data", required=not named_sets, help="folder in CLIP_benchmark's wds layout")
     sub.add_argument("--split", default="test")
     sub.add_argument("--dims", default=None, help="comma-separated dims (default: 8, 16, ... up to the width)")
     sub.add_argument("--output", default=None, help="write results JSON here")
@@ -67,11 +67,15 @@ def parse_args(argv=None):
     tasks = parser.add_subparsers(dest="task", required=True)
     for name, (help_text, add_flags, _) in TASKS.items():
         sub = tasks.add_parser(name, help=help_text)
-        add_common(sub)
+        add_common(sub, named_sets=name in named.TASKS)
         add_flags(sub)
+        if name in named.TASKS:
+            named.add_flags(sub)
     args = parser.parse_args(argv)
     if len(args.compare_pretrained) not in (0, len(args.compare)):
         raise UserError("give --compare-pretrained once for each --compare, or not at all")
+    if args.task in named.TASKS:
+        named.check_flags(args)
     return args
 
 
@@ -115,6 +119,8 @@ def main(argv=None):
     args = parse_args(argv)
     requested = parse_int_list(args.dims, "--dims") if args.dims else None
     _, _, run_task = TASKS[args.task]
+    if getattr(args, "dataset", None):
+        run_task = named.run_task
     entries = model_list(args)
     warn_untrained(args, entries, requested)
     return run_task(args, entries, requested)

@@ -218,30 +218,44 @@ def cached_features(cache_dir, key: dict, compute: Callable):
     return features, labels
 
 
-def load_with_features(args, name, pretrained, splits, layers=None):
+def load_with_features(args, name, pretrained, splits, layers=None, source=None):
     """The model, its preprocess and tokenizer, and {split: (full-width image features, labels)} through the
     feature cache (key: model, checkpoint identity, data folder, split; never the dims). `layers` {tower: depths}
-    (mrl_clip.eval.depths) gives image features [exits, N, width] at each depth of its grid instead."""
+    (mrl_clip.eval.depths) gives image features [exits, N, width] at each depth of its grid instead. `source` (a
+    mrl_clip.eval.named.NamedSet) reads a data set by name instead of the --data folder."""
     model, _, preprocess, tokenizer = models.create(name, pretrained, device=args.device, adaptor=args.adaptor)
     model.eval()
     grid = grid_for(model, layers or {})
     image_layers = grid and grid.depths("image")
-    cache = args.cache_dir or str(Path(args.data) / ".mrl_clip_cache")
+    if source is None:
+        cache = args.cache_dir or str(Path(args.data) / ".mrl_clip_cache")
+        dataset_key = str(Path(args.data).resolve())
+    else:
+        from .named import default_cache_dir
+        cache, dataset_key = args.cache_dir or default_cache_dir(), source.key
+
+    def encode(split):
+        if source is None:
+            folder = load_classification_folder(args.data, preprocess, split, need_prompts=False)
+            dataset, collate = folder.dataset, None
+        else:
+            dataset, collate = source.build(preprocess, split, prompts=False), source.collate_fn()
+        return encode_images(model, dataset, args.device, args.batch_size, args.workers, desc=f"{split} images",
+                             layers=image_layers, collate_fn=collate)
+
     features = {}
     for split in splits:
         key = {"model": name, "checkpoint": checkpoint_identity(pretrained or name),
-               "dataset": str(Path(args.data).resolve()), "split": split,
+               "dataset": dataset_key, "split": split,
                **({"adaptor": adaptor_identity(args.adaptor)} if args.adaptor else {}),
                **({"image_layers": image_layers} if image_layers else {})}
-        features[split] = cached_features(cache, key, lambda: encode_images(
-            model, load_classification_folder(args.data, preprocess, split, need_prompts=False).dataset,
-            args.device, args.batch_size, args.workers, desc=f"{split} images", layers=image_layers))
+        features[split] = cached_features(cache, key, lambda: encode(split))
     return model, preprocess, tokenizer, features
 
 
-def standardized_probe_data(args, name, pretrained):
+def standardized_probe_data(args, name, pretrained, source=None):
     """Train and test features, z-scored with the train statistics, and the class count."""
-    _, _, _, features = load_with_features(args, name, pretrained, [args.train_split, args.split])
+    _, _, _, features = load_with_features(args, name, pretrained, [args.train_split, args.split], source=source)
     (train_x, train_y), (test_x, test_y) = features[args.train_split], features[args.split]
     mean, std = feature_stats(train_x)
     train_x, test_x = standardize(train_x, test_x)
@@ -261,10 +275,10 @@ def heads_path(args, name, pretrained, kind) -> Path:
     return folder / f"{kind}.safetensors"
 
 
-def run_linear_probe(args, name, pretrained, dims, kinds):
+def run_linear_probe(args, name, pretrained, dims, kinds, source=None):
     """{kind: {"dims", "metrics", "probe"}}: heads trained on --train-split, measured on --split, saved beside
     the checkpoint (never inside open_clip's state_dict)."""
-    train_x, train_y, test_x, test_y, num_classes, stats = standardized_probe_data(args, name, pretrained)
+    train_x, train_y, test_x, test_y, num_classes, stats = standardized_probe_data(args, name, pretrained, source)
     results = {}
     for kind in kinds:
         heads, info = select_and_train(train_x, train_y, dims, num_classes, kind)
@@ -292,13 +306,18 @@ def add_flags(sub):
     sub.add_argument("--heads-dir", default=None, help="where trained heads are saved (default: beside the checkpoint)")
 
 
+def probe_kinds(text: str) -> list:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise UserError(f"--probes takes {', '.join(KINDS)}; got {text!r}")
+    return kinds
+
+
 def run_task(args, entries, requested) -> int:
     """`eval linear-probe`: each model's probes of each kind at each dim, reported together (a row block per
     model and kind)."""
-    kinds = [k.strip() for k in args.probes.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise UserError(f"--probes takes {', '.join(KINDS)}; got {args.probes!r}")
+    kinds = probe_kinds(args.probes)
     results = {}
     for label, name, ckpt in entries:
         for kind, result in run_linear_probe(args, name, ckpt, dims_for(name, requested), kinds).items():

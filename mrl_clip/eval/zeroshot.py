@@ -38,6 +38,7 @@ class ClassificationSet:
     dataset: object      # iterable of (image tensor, label)
     classnames: list
     templates: list
+    collate_fn: object = None   # the DataLoader's (CLIP_benchmark's get_dataset_collate_fn for a named set)
 
 
 def check_wds_folder(folder: str, split: str) -> Path:
@@ -62,10 +63,11 @@ def load_classification_folder(folder: str, transform, split: str = "test", need
 
 
 @torch.no_grad()
-def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, desc="images", layers=None):
+def encode_images(model, dataset, device="cpu", batch_size=256, workers=0, desc="images", layers=None,
+                  collate_fn=None):
     """Full-width, unnormalised image features [N, width] and labels; with `layers`, features [exits, N, width]
     at each depth (mrl_clip.eval.depths)."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn)
     features, labels = [], []
     for images, target in tqdm(loader, desc=f"encoding {desc}", unit="batch", leave=False):
         features.append(encode_batch(model, "image", images.to(device), layers))
@@ -137,7 +139,7 @@ def encode_classification(model, tokenizer, data: ClassificationSet, dims, devic
     each of its depths: [exits, ...] for a layered tower)."""
     model.eval()
     image_features, labels = encode_images(model, data.dataset, device, batch_size, workers,
-                                           layers=grid and grid.depths("image"))
+                                           layers=grid and grid.depths("image"), collate_fn=data.collate_fn)
     prompt_features = encode_class_prompts(model, tokenizer, data.classnames, data.templates, device,
                                            layers=grid and grid.depths("text"))
     width = image_features.shape[-1]
