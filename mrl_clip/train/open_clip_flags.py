@@ -16,7 +16,7 @@ REFUSED = "refused"          # one line and exit 2
 STATUS_TEXT = {SUPPORTED: "supported (open_clip's meaning)", DIFFERENT: "supported differently",
                REFUSED: "refused"}
 
-EVAL = "python -m mrl_clip eval zeroshot --model local-dir:RUN/export --data"
+EVAL = "python -m mrl_clip eval zeroshot --model local-dir:RUN/export"
 
 # flag -> (status, one line); open_clip_train's order
 FLAGS = {
@@ -33,10 +33,12 @@ FLAGS = {
     "--csv-separator": (SUPPORTED, ""),
     "--csv-img-key": (SUPPORTED, ""),
     "--csv-caption-key": (SUPPORTED, ""),
-    "--imagenet-val": (REFUSED, f"no ImageNet evaluation inside training: run {EVAL} IMAGENET1K_WDS_FOLDER on "
-                                "RUN/export or a checkpoint, or pass that folder as --val-data"),
-    "--imagenet-v2": (REFUSED, f"no ImageNet evaluation inside training: run {EVAL} IMAGENETV2_WDS_FOLDER on "
-                               "RUN/export or a checkpoint, or pass that folder as --val-data"),
+    "--imagenet-val": (REFUSED, f"no ImageNet evaluation inside training: run {EVAL} --dataset imagenet1k "
+                                "--dataset-root IMAGENET_DIR after training, or pass a CLIP_benchmark folder as "
+                                "--val-data"),
+    "--imagenet-v2": (REFUSED, f"no ImageNet evaluation inside training: run {EVAL} --dataset imagenetv2 "
+                               "--dataset-root IMAGENETV2_DIR after training, or pass a CLIP_benchmark folder as "
+                               "--val-data"),
     "--cache-dir": (REFUSED, "pretrained weights come from the Hugging Face cache: set HF_HOME (or HF_HUB_CACHE) "
                              "instead"),
     "--logs": (SUPPORTED, "also spelled --output-dir (torchrun's --logs-specs makes a bare --logs ambiguous); "
