@@ -105,7 +105,6 @@ def test_imagenet_r_equals_data_at_every_dim_and_clip_benchmark_at_full_width(tr
     assert (tmp_path / "named.png").stat().st_size > 1000
 
 
-@pytest.mark.skip(reason="not yet seen passing: it ran past 10 minutes on the loaded 2-core dev machine")
 def test_mnist_layout_zeroshot_knn_and_probe_equal_data_and_clip_benchmark(trained_run, fmnist_data, mnist_root,
                                                                           tmp_path):
     """--dataset mnist reads torchvision's files: zero-shot against clip_benchmark eval (full width) and against
